@@ -1,0 +1,43 @@
+"""popup_adapter: edge-popup supermasks for timm and Hugging Face models.
+
+Every Linear/Conv weight keeps its random initial value; a learned score per weight picks the
+top-k fraction of each layer, and only the scores train ("What's Hidden in a Randomly Weighted
+Neural Network?", Ramanujan et al., CVPR 2020).
+
+Importing this package imports neither timm nor transformers.
+"""
+
+from .config import INITS, PopupConfig
+from .errors import (
+    AlreadyAdaptedError,
+    ArtifactError,
+    BaseMismatchError,
+    PopupError,
+    TargetModulesError,
+)
+from .layers import PopupConv, PopupConv1D, PopupEmbedding, PopupLayer, PopupLinear
+from .model import PopupModel, get_popup_model
+from .selection import masked_weight, num_kept, topk_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INITS",
+    "AlreadyAdaptedError",
+    "ArtifactError",
+    "BaseMismatchError",
+    "PopupConfig",
+    "PopupConv",
+    "PopupConv1D",
+    "PopupEmbedding",
+    "PopupError",
+    "PopupLayer",
+    "PopupLinear",
+    "PopupModel",
+    "TargetModulesError",
+    "__version__",
+    "get_popup_model",
+    "masked_weight",
+    "num_kept",
+    "topk_mask",
+]

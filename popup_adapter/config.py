@@ -1,0 +1,108 @@
+"""What the user asked for: :class:`PopupConfig`, validated once, at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Initialisations of the random base. ``keep`` leaves a pretrained base as it is.
+INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform", "keep")
+
+
+def _as_name_list(value: str | list[str] | tuple[str, ...] | None, what: str) -> Any:
+    """Normalise a PEFT-style module selector: a regex string, a list of names, or None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{what} must be a regex string, a list of module names or None, got {value!r}")
+
+
+@dataclass
+class PopupConfig:
+    """Configuration of one edge-popup adapter (one learned mask).
+
+    Args:
+        k: fraction of each masked layer's weights that the forward pass KEEPS, in (0, 1].
+            ``k=0.3`` keeps the 30% of weights with the largest |score| in every layer.
+        target_modules: layers to mask. ``None`` masks every ``nn.Linear``, ``nn.Conv1d/2d/3d``
+            and transformers ``Conv1D`` (plus ``nn.Embedding`` with ``mask_embeddings``), first
+            and last layers included, as the paper does. Otherwise PEFT's rules: a string is a
+            regex that must match the full module name; a list matches a module whose name
+            equals an entry or ends with ``"." + entry``.
+        exclude_modules: layers never to mask, with the same matching rules.
+        modules_to_save: modules trained densely (e.g. a new classifier head) and stored in the
+            artifact, one copy per adapter as in PEFT.
+        init: how the frozen random base weights are drawn from the seed:
+            ``"signed_constant"`` (the paper's best: +-gain/sqrt(fan_in) with a random sign),
+            ``"kaiming_normal"``, ``"kaiming_uniform"``, or ``"keep"`` to leave a pretrained base
+            untouched (masking a pretrained network, Zhao et al. 2020).
+        scale_fan: use ``fan_in * k`` instead of ``fan_in`` in the init's scale (the paper's
+            "scaled" variants), which keeps activations' variance after masking.
+        seed: the seed every random base tensor and every initial score is derived from.
+        train_norms: train the affine parameters of normalisation layers (stored in the
+            artifact). By default they are identity and frozen, the paper's non-affine norms.
+        mask_embeddings: also mask ``nn.Embedding`` layers when ``target_modules`` is None.
+        reseed_modules: with ``init="keep"``, modules whose tensors are nevertheless drawn from
+            the seed: a new head that the pretrained checkpoint does not contain is otherwise
+            random from torch's global RNG and could not be rebuilt by whoever loads the mask.
+    """
+
+    k: float = 0.3
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    init: str = "signed_constant"
+    scale_fan: bool = False
+    seed: int = 0
+    train_norms: bool = False
+    mask_embeddings: bool = False
+    reseed_modules: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)):
+            raise TypeError(f"k must be a number in (0, 1], got {self.k!r}")
+        self.k = float(self.k)
+        if not 0.0 < self.k <= 1.0:
+            raise ValueError(
+                f"k={self.k} is outside (0, 1]. k is the fraction of weights KEPT in each layer: "
+                "k=0.3 keeps 30%. For 'prune 70%' pass k=0.3."
+            )
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.scale_fan and self.init == "keep":
+            raise ValueError("scale_fan rescales a random init and has no meaning with init='keep'")
+        if self.reseed_modules and self.init != "keep":
+            raise ValueError("reseed_modules only applies to init='keep': every other init "
+                             "already draws the whole base from the seed")
+        self.target_modules = _as_name_list(self.target_modules, "target_modules")
+        self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
+        for name in ("modules_to_save", "reseed_modules"):
+            value = _as_name_list(getattr(self, name), name)
+            if isinstance(value, str):
+                value = [value]
+            setattr(self, name, value)
+
+    def base_defining(self) -> dict[str, Any]:
+        """The fields that decide the random base; adapters sharing one backbone must agree."""
+        fields = {"init": self.init, "seed": self.seed, "scale_fan": self.scale_fan,
+                  "train_norms": self.train_norms, "reseed_modules": self.reseed_modules}
+        if self.scale_fan:
+            fields["k"] = self.k
+        return fields
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (used by the artifact's ``popup_config.json``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PopupConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error rather than silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown PopupConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)

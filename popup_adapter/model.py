@@ -1,0 +1,483 @@
+"""How a whole model is adapted: walk it, match targets, draw the base from the seed, inject.
+
+``PopupModel`` wraps any ``nn.Module`` (timm, transformers or plain) the way PEFT's
+``PeftModel`` does: attributes it does not have read through to the wrapped model, so
+``.config``, ``.pretrained_cfg`` and ``generate`` keep working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import PopupConfig
+from .errors import AlreadyAdaptedError, TargetModulesError
+from .layers import PopupLayer, create_popup_layer, popup_layer_class
+from .seeding import fingerprint, init_values, normal_values, score_values
+
+_NORM_CLASS_NAME = re.compile(r"(Batch|Layer|Group|Instance|RMS)Norm")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+               nn.LocalResponseNorm)
+_BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+#: path segments that wrappers insert; removed to recover the base model's own names
+_WRAPPER_SEGMENTS = re.compile(r"\.(base_layer|original_module)(?=\.|$)")
+_DEFAULT_EMBEDDING_STD = 0.02
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Normalisation layers: torch's, and any class named like one (timm, transformers)."""
+    return isinstance(module, _NORM_TYPES) or bool(_NORM_CLASS_NAME.search(type(module).__name__))
+
+
+def module_matches(name: str, selector: str | list[str] | None) -> bool:
+    """PEFT's matching rule: a regex must match the full name; a list entry must equal the name
+    or be its dotted suffix."""
+    if selector is None:
+        return False
+    if isinstance(selector, str):
+        return re.fullmatch(selector, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in selector)
+
+
+def _inside(name: str, roots: list[str]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def base_name(name: str) -> str:
+    """A name in the adapted model mapped back to the name it had in the plain model."""
+    return _WRAPPER_SEGMENTS.sub("", name)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained densely, one copy per adapter (PEFT's ``modules_to_save``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+
+    def update(self, adapter_name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copy_
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == adapter_name)
+        self.active_adapter = adapter_name
+
+    def forward(self, *args, **kwargs):
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+
+def get_popup_model(model: nn.Module, config: PopupConfig | None = None,
+                    adapter_name: str = "default", **overrides) -> PopupModel:
+    """Adapt ``model`` for edge-popup: wrap its layers with scores and reset its base from the seed.
+
+    ``get_popup_model(timm.create_model("resnet50"), k=0.3)`` is the whole call; keyword
+    arguments override the fields of ``config`` (a :class:`PopupConfig`).
+    """
+    if config is None:
+        config = PopupConfig(**overrides)
+    elif overrides:
+        config = PopupConfig(**{**config.to_dict(), **overrides})
+    return PopupModel(model, config, adapter_name)
+
+
+class PopupModel(nn.Module):
+    """A model whose Linear/Conv layers use ``W * M``, M chosen by learned scores.
+
+    The random base is drawn from ``config.seed`` when the model is built (see
+    :mod:`popup_adapter.seeding`); only the scores (and ``modules_to_save``, and the norms with
+    ``train_norms``) train. Several adapters can share one backbone: each has its own scores,
+    its own BatchNorm running statistics and its own ``modules_to_save``.
+    """
+
+    def __init__(self, model: nn.Module, config: PopupConfig, adapter_name: str = "default"):
+        super().__init__()
+        if isinstance(model, PopupModel) or any(isinstance(m, (PopupLayer, ModulesToSaveWrapper))
+                                                 for m in model.modules()):
+            raise AlreadyAdaptedError(
+                "this model already carries popup layers; add a further mask with "
+                "model.add_adapter(name, config) instead of adapting it again")
+        self.base_model = model
+        self.peft_config: dict[str, PopupConfig] = {}
+        self.active_adapter = adapter_name
+        # BatchNorm statistics of the adapters that are not active; the active one's live in
+        # the BatchNorm modules themselves.
+        self._stashed_bn_stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+
+        targets = resolve_targets(model, config)
+        seed_base(model, config, targets)
+        for name in targets:
+            _replace_module(model, name, create_popup_layer(model.get_submodule(name)))
+        for name in config.modules_to_save or []:
+            _replace_module(model, name, ModulesToSaveWrapper(model.get_submodule(name)))
+        self._add_scores(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # -- pass-through, as PeftModel does
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    # -- inspection
+    def popup_layers(self) -> Iterator[tuple[str, PopupLayer]]:
+        """``(name in the plain model, layer)`` for every masked layer."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, PopupLayer):
+                yield base_name(name), module
+
+    def get_masks(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """``{module name: bool mask like its weight}`` for ``adapter_name`` (default: active)."""
+        adapter_name = adapter_name or self.active_adapter
+        self._check_adapter(adapter_name)
+        with torch.no_grad():
+            return {name: layer.get_mask(adapter_name) for name, layer in self.popup_layers()}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts, shared parameters counted once."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        """The frozen random (or pretrained) base, by its plain-model names: every tensor an
+        artifact does not store. BatchNorm statistics, ``modules_to_save`` and trainable norms
+        are trained and stored, so they are left out."""
+        stored = self._trained_roots()
+        state = {}
+        for name, tensor in self.base_model.state_dict(keep_vars=True).items():
+            if ".popup_scores." in name or ".modules_to_save." in name:
+                continue
+            plain = base_name(name)
+            if not _inside(plain.rsplit(".", 1)[0], stored) and \
+                    plain.rsplit(".", 1)[-1] not in _BATCHNORM_STATS:
+                state[plain] = tensor.detach()
+        return state
+
+    @property
+    def base_fingerprint(self) -> str:
+        """sha256 of :meth:`base_state`: what a mask must be loaded back onto."""
+        return fingerprint(self.base_state().items())
+
+    def _trained_roots(self) -> list[str]:
+        config = self.peft_config[self.active_adapter]
+        roots = list(config.modules_to_save or [])
+        if config.train_norms:
+            roots += [base_name(n) for n, m in self.base_model.named_modules() if is_norm_module(m)]
+        return roots
+
+    # -- adapters
+    def add_adapter(self, adapter_name: str, config: PopupConfig) -> None:
+        """Add a further mask over the same backbone (it does not become active by itself)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} exists already; delete_adapter it first")
+        first = next(iter(self.peft_config.values()))
+        if config.base_defining() != first.base_defining():
+            raise ValueError(
+                f"adapter {adapter_name!r} needs another base ({config.base_defining()}) than "
+                f"this backbone's ({first.base_defining()}); masks over one backbone must share "
+                "init, seed, scale_fan and the norm policy")
+        masked = {name for name, _ in self.popup_layers()}
+        wanted = set(resolve_targets(self.unload_view(), config))
+        if wanted != masked or (config.modules_to_save or []) != (first.modules_to_save or []):
+            raise ValueError(f"adapter {adapter_name!r} must mask the same layers and save the "
+                             "same modules as the others on this backbone")
+        self._add_scores(adapter_name, config)
+        self._stashed_bn_stats[adapter_name] = {
+            name: _fresh_stats(bn) for name, bn in self._batchnorms()}
+        self._set_requires_grad()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the mask (and BatchNorm statistics) the forward pass uses."""
+        self._check_adapter(adapter_name)
+        previous = self.active_adapter
+        if previous != adapter_name and previous in self.peft_config:
+            self._stashed_bn_stats[previous] = {
+                name: {s: getattr(bn, s).clone() for s in _BATCHNORM_STATS}
+                for name, bn in self._batchnorms()}
+            incoming = self._stashed_bn_stats.pop(adapter_name)
+            with torch.no_grad():
+                for name, bn in self._batchnorms():
+                    for stat, value in incoming[name].items():
+                        getattr(bn, stat).copy_(value)
+        self.active_adapter = adapter_name
+        for module in self.base_model.modules():
+            if isinstance(module, (PopupLayer, ModulesToSaveWrapper)):
+                module.set_adapter(adapter_name)
+        self._set_requires_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove a mask; deleting the active one activates the first remaining."""
+        self._check_adapter(adapter_name)
+        if len(self.peft_config) == 1:
+            raise ValueError("cannot delete the only adapter; use unload() to get the plain model")
+        del self.peft_config[adapter_name]
+        for module in self.base_model.modules():
+            if isinstance(module, PopupLayer):
+                module.delete_adapter(adapter_name)
+            elif isinstance(module, ModulesToSaveWrapper):
+                del module.modules_to_save[adapter_name]
+        if adapter_name == self.active_adapter:
+            self.active_adapter = None
+            self.set_adapter(next(iter(self.peft_config)))
+        else:
+            self._stashed_bn_stats.pop(adapter_name, None)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the dense random (or pretrained) base, every weight used, inside this block."""
+        wrappers = [m for m in self.base_model.modules()
+                    if isinstance(m, (PopupLayer, ModulesToSaveWrapper))]
+        for module in wrappers:
+            module.disable_adapters = True
+        try:
+            yield
+        finally:
+            for module in wrappers:
+                module.disable_adapters = False
+
+    def batchnorm_stats(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """``{"<bn name>.running_mean": ..., ...}`` of ``adapter_name`` (default: active)."""
+        adapter_name = adapter_name or self.active_adapter
+        self._check_adapter(adapter_name)
+        if adapter_name == self.active_adapter:
+            per_bn = {name: {s: getattr(bn, s) for s in _BATCHNORM_STATS}
+                      for name, bn in self._batchnorms()}
+        else:
+            per_bn = self._stashed_bn_stats[adapter_name]
+        return {f"{name}.{stat}": value for name, stats in per_bn.items()
+                for stat, value in stats.items()}
+
+    # -- back to a plain model
+    def merge_and_unload(self) -> nn.Module:
+        """The plain model with the active mask baked in (``W * M``), giving identical outputs.
+
+        A masked weight that was tied to another module (GPT-2's ``lm_head`` and ``wte``) gets a
+        parameter of its own, since only one of the two users was masked; the model's config is
+        told (``tie_word_embeddings = False``) so that saving and reloading it keeps them apart.
+        """
+        tied = _tied_parameter_ids(self.base_model)
+        untied = False
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, PopupLayer):
+                untied |= id(module.weight) in tied
+                merged = module.merged_base_layer(self.active_adapter)
+                _replace_module(self.base_model, name, merged)
+            elif isinstance(module, ModulesToSaveWrapper):
+                _replace_module(self.base_model, name, module.modules_to_save[self.active_adapter])
+        config = getattr(self.base_model, "config", None)
+        if untied and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """The plain model with the original layers back, masks dropped (the dense base)."""
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, PopupLayer):
+                _replace_module(self.base_model, name, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper):
+                _replace_module(self.base_model, name, module.original_module)
+        return self.base_model
+
+    def unload_view(self) -> nn.Module:
+        """A shallow view of the plain model's module tree (wrappers replaced), for matching."""
+        view = copy.copy(self.base_model)
+        return _unwrapped_tree(view)
+
+    # -- internals
+    def _add_scores(self, adapter_name: str, config: PopupConfig) -> None:
+        self.peft_config[adapter_name] = config
+        for name, layer in self.popup_layers():
+            scores = score_values(config.seed, f"{name}.weight", layer.weight.shape, layer.fan_in)
+            layer.update_layer(adapter_name, config.k, scores)
+        for module in self.base_model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+
+    def _set_requires_grad(self) -> None:
+        config = self.peft_config[self.active_adapter]
+        for module in self.base_model.modules():
+            if is_norm_module(module) and config.train_norms:
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(True)
+
+    def _batchnorms(self) -> list[tuple[str, nn.Module]]:
+        return [(base_name(n), m) for n, m in self.base_model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                and ".modules_to_save." not in n]
+
+    def _check_adapter(self, adapter_name: str | None) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; this model has "
+                             f"{sorted(self.peft_config)}")
+
+
+def resolve_targets(model: nn.Module, config: PopupConfig) -> list[str]:
+    """Names of the modules ``config`` masks, checked: every target exists and can be masked."""
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    names = [name for name, _ in modules]
+    mha_children = {f"{parent}.{child}" if parent else child
+                    for parent, module in model.named_modules()
+                    if isinstance(module, nn.MultiheadAttention)
+                    for child, _ in module.named_children()}
+    saved = list(config.modules_to_save or [])
+    for root in saved:
+        if root not in names:
+            raise TargetModulesError(f"modules_to_save entry {root!r} is not a module of this "
+                                     f"model{_close_names(root, names)}")
+    if config.target_modules is None:
+        targets = []
+        for name, module in modules:
+            if popup_layer_class(module, config.mask_embeddings) is None:
+                continue
+            if name in mha_children:
+                warnings.warn(f"{name} is not masked: nn.MultiheadAttention reads its projection "
+                              "weights directly, bypassing the layer", stacklevel=3)
+                continue
+            targets.append(name)
+    else:
+        targets = [name for name, _ in modules if module_matches(name, config.target_modules)]
+        _check_every_selector_matches(config.target_modules, names, "target_modules")
+        for name in targets:
+            module = model.get_submodule(name)
+            if popup_layer_class(module) is None or name in mha_children:
+                raise TargetModulesError(
+                    f"target {name!r} is a {type(module).__name__}, which cannot be masked: "
+                    "supported are nn.Linear, nn.Conv1d/2d/3d, transformers Conv1D and "
+                    "nn.Embedding (not inside nn.MultiheadAttention). Name its Linear/Conv "
+                    "children instead.")
+    if config.exclude_modules is not None:
+        _check_every_selector_matches(config.exclude_modules, names, "exclude_modules")
+        targets = [n for n in targets if not module_matches(n, config.exclude_modules)]
+    targets = [n for n in targets if not _inside(n, saved)]
+    if not targets:
+        raise TargetModulesError("no layer is left to mask after exclude_modules and "
+                                 "modules_to_save; loosen them")
+    return targets
+
+
+def _check_every_selector_matches(selector: str | list[str], names: list[str], what: str) -> None:
+    entries = [selector] if isinstance(selector, str) else selector
+    for entry in entries:
+        if not any(module_matches(n, [entry] if isinstance(selector, list) else selector)
+                   for n in names):
+            raise TargetModulesError(f"{what} entry {entry!r} matches no module of this model"
+                                     f"{_close_names(entry, names)}")
+
+
+def _close_names(wanted: str, names: list[str]) -> str:
+    candidates = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})
+    close = difflib.get_close_matches(wanted, candidates, n=5, cutoff=0.5)
+    return f"; close names: {', '.join(close)}" if close else ""
+
+
+def seed_base(model: nn.Module, config: PopupConfig, targets: list[str]) -> None:
+    """Set every parameter of ``model`` from ``(config.seed, its name)`` and freeze the base.
+
+    Rules, per tensor (a tied tensor is set once, under the first of its names in sorted
+    order): a weight of a Linear/Conv/Conv1D layer (or of a masked Embedding) is drawn by
+    ``config.init`` with that layer's fan-in (times k for a masked layer with ``scale_fan``);
+    norms become identity (weight 1, bias 0); other biases become 0; a tensor the constructor
+    left constant (e.g. layer-scale ``gamma``) stays as it is; every other tensor (embeddings,
+    position embeddings, class tokens) is drawn from N(0, s^2), s the model config's
+    ``initializer_range`` or 0.02. BatchNorm running statistics are reset. With
+    ``init="keep"`` only ``reseed_modules`` are drawn (their layer weights signed-constant).
+    """
+    masked = set(targets)
+    std = getattr(getattr(model, "config", None), "initializer_range", _DEFAULT_EMBEDDING_STD)
+    layer_init = "signed_constant" if config.init == "keep" else config.init
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = defaultdict(list)
+    params: dict[int, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{leaf}" if module_name else leaf
+            owners[id(param)].append((full, module, leaf))
+            params[id(param)] = param
+    reseeded = config.reseed_modules or []
+    with torch.no_grad():
+        for pid, users in owners.items():
+            param = params[pid]
+            param.requires_grad_(False)
+            name, module, leaf = min(users, key=lambda user: user[0])
+            if config.init == "keep" and not _inside(name, reseeded):
+                continue
+            layer_users = [(full, mod) for full, mod, lf in users if lf == "weight" and (
+                full.rsplit(".", 1)[0] in masked or
+                popup_layer_class(mod, include_embeddings=False) is not None)]
+            if layer_users:
+                layer_name, layer_module = min(layer_users, key=lambda user: user[0])
+                fan_in = popup_layer_class(layer_module).weight_fan_in(param)
+                if config.scale_fan and layer_name.rsplit(".", 1)[0] in masked:
+                    fan_in *= config.k
+                value = init_values(layer_init, config.seed, name, param.shape, fan_in)
+            elif is_norm_module(module):
+                value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
+            elif leaf == "bias":
+                value = torch.zeros(param.shape)
+            elif param.numel() == 1 or bool((param == param.flatten()[0]).all()):
+                continue
+            else:
+                value = normal_values(config.seed, name, param.shape, std)
+            param.copy_(value.to(param.dtype))
+        if config.init != "keep":
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
+
+
+def _fresh_stats(bn: nn.Module) -> dict[str, torch.Tensor]:
+    return {"running_mean": torch.zeros_like(bn.running_mean),
+            "running_var": torch.ones_like(bn.running_var),
+            "num_batches_tracked": torch.zeros_like(bn.num_batches_tracked)}
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _tied_parameter_ids(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = defaultdict(int)
+    for _, module in model.named_modules(remove_duplicate=False):
+        for _, param in module.named_parameters(recurse=False):
+            seen[id(param)] += 1
+    return {pid for pid, count in seen.items() if count > 1}
+
+
+def _unwrapped_tree(module: nn.Module) -> nn.Module:
+    """Replace wrappers by what they wrap, in a copied module tree (parameters shared)."""
+    module = copy.copy(module)
+    module._modules = dict(module._modules)
+    for child_name, child in module._modules.items():
+        if isinstance(child, PopupLayer):
+            module._modules[child_name] = child.base_layer
+        elif isinstance(child, ModulesToSaveWrapper):
+            module._modules[child_name] = child.original_module
+        elif child is not None:
+            module._modules[child_name] = _unwrapped_tree(child)
+    return module

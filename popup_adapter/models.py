@@ -1,0 +1,54 @@
+"""The paper's small convolutional networks (Conv2/4/6), adapted to 28x28 single-channel images.
+
+They come from the lottery-ticket line of work that edge-popup builds on: pairs of 3x3 convs
+(64, 128, 256 channels) with max-pooling after each pair, then fully connected 256-256-classes,
+ReLU everywhere, no biases and no normalisation. They live in the library (not in a recipe) so
+that an artifact trained on one can rebuild it from its spec alone.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+#: channels of the conv pairs, per depth
+CONV_STAGES = {2: (64,), 4: (64, 128), 6: (64, 128, 256)}
+
+
+class ConvNet(nn.Module):
+    """``Conv{depth}`` of the paper, ``width`` times as wide, for ``image_size`` inputs."""
+
+    def __init__(self, depth: int = 4, width: float = 1.0, in_chans: int = 1,
+                 num_classes: int = 10, image_size: int = 28) -> None:
+        super().__init__()
+        if depth not in CONV_STAGES:
+            raise ValueError(f"depth must be one of {sorted(CONV_STAGES)}, got {depth}")
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        layers: list[nn.Module] = []
+        channels, size = in_chans, image_size
+        for stage_channels in CONV_STAGES[depth]:
+            out = max(1, round(stage_channels * width))
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.ReLU(),
+                       nn.Conv2d(out, out, 3, padding=1, bias=False), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            channels, size = out, size // 2
+        hidden = max(1, round(256 * width))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * size * size, hidden, bias=False), nn.ReLU(),
+            nn.Linear(hidden, hidden, bias=False), nn.ReLU(),
+            nn.Linear(hidden, num_classes, bias=False),
+        )
+        self.spec = {"depth": depth, "width": width, "in_chans": in_chans,
+                     "num_classes": num_classes, "image_size": image_size}
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def create_conv_net(name: str = "conv4", **kwargs) -> ConvNet:
+    """``create_conv_net("conv6", width=0.5)``: the paper's ConvX by name."""
+    if not (name.startswith("conv") and name[4:].isdigit()):
+        raise ValueError(f"unknown conv net {name!r}; choose conv2, conv4 or conv6")
+    return ConvNet(depth=int(name[4:]), **kwargs)
