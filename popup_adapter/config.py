@@ -76,8 +76,10 @@ class PopupConfig:
         if self.scale_fan and self.init == "keep":
             raise ValueError("scale_fan rescales a random init and has no meaning with init='keep'")
         if self.reseed_modules and self.init != "keep":
-            raise ValueError("reseed_modules only applies to init='keep': every other init "
-                             "already draws the whole base from the seed")
+            raise ValueError(
+                "reseed_modules only applies to init='keep': every other init "
+                "already draws the whole base from the seed"
+            )
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
         self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
         for name in ("modules_to_save", "reseed_modules"):
@@ -88,8 +90,13 @@ class PopupConfig:
 
     def base_defining(self) -> dict[str, Any]:
         """The fields that decide the random base; adapters sharing one backbone must agree."""
-        fields = {"init": self.init, "seed": self.seed, "scale_fan": self.scale_fan,
-                  "train_norms": self.train_norms, "reseed_modules": self.reseed_modules}
+        fields = {
+            "init": self.init,
+            "seed": self.seed,
+            "scale_fan": self.scale_fan,
+            "train_norms": self.train_norms,
+            "reseed_modules": self.reseed_modules,
+        }
         if self.scale_fan:
             fields["k"] = self.k
         return fields

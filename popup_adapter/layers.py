@@ -55,8 +55,10 @@ class PopupLayer(nn.Module):
     def update_layer(self, adapter_name: str, k: float, scores: torch.Tensor) -> None:
         """Add (or replace) the scores of ``adapter_name``, keeping ``round(k * n)`` weights."""
         if scores.shape != self.weight.shape:
-            raise ValueError(f"scores of shape {tuple(scores.shape)} do not fit a weight of "
-                             f"shape {tuple(self.weight.shape)}")
+            raise ValueError(
+                f"scores of shape {tuple(scores.shape)} do not fit a weight of "
+                f"shape {tuple(self.weight.shape)}"
+            )
         param = nn.Parameter(scores.to(self.weight.device), requires_grad=True)
         self.popup_scores[adapter_name] = param
         self.popup_kept[adapter_name] = num_kept(k, self.weight.numel())
@@ -73,6 +75,19 @@ class PopupLayer(nn.Module):
         for name, scores in self.popup_scores.items():
             scores.requires_grad_(name == adapter_name)
         self.active_adapter = adapter_name
+
+    def load_mask(self, adapter_name: str, mask: torch.Tensor) -> None:
+        """Set ``adapter_name``'s scores so that its top-k is exactly ``mask`` (a loaded mask):
+        kept weights score 1/sqrt(fan_in), the initial scores' scale, the others 0."""
+        scores = self.popup_scores[adapter_name]
+        if int(mask.sum()) != self.popup_kept[adapter_name] or mask.shape != scores.shape:
+            raise ValueError(
+                f"a mask of shape {tuple(mask.shape)} keeping {int(mask.sum())} "
+                f"does not fit this layer ({tuple(scores.shape)}, keeping "
+                f"{self.popup_kept[adapter_name]})"
+            )
+        with torch.no_grad():
+            scores.copy_(mask.to(scores.device, scores.dtype) / math.sqrt(self.fan_in))
 
     def get_mask(self, adapter_name: str | None = None) -> torch.Tensor:
         """The boolean mask of ``adapter_name`` (default: active), shaped like the weight."""
@@ -154,8 +169,15 @@ class PopupEmbedding(PopupLayer):
 
     def forward_with_weight(self, x, weight):
         base = self.base_layer
-        return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
-                           base.scale_grad_by_freq, base.sparse)
+        return F.embedding(
+            x,
+            weight,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )
 
 
 def _transformers_conv1d() -> type | None:
@@ -164,8 +186,9 @@ def _transformers_conv1d() -> type | None:
     return getattr(module, "Conv1D", None)
 
 
-def popup_layer_class(module: nn.Module,
-                      include_embeddings: bool = True) -> type[PopupLayer] | None:
+def popup_layer_class(
+    module: nn.Module, include_embeddings: bool = True
+) -> type[PopupLayer] | None:
     """The wrapper class for ``module``, or None when edge-popup cannot mask it."""
     if isinstance(module, nn.Linear):
         return PopupLinear
@@ -183,6 +206,8 @@ def create_popup_layer(module: nn.Module) -> PopupLayer:
     """Wrap a supported module; raise ``TypeError`` naming the supported types otherwise."""
     cls = popup_layer_class(module)
     if cls is None:
-        raise TypeError(f"cannot mask a {type(module).__name__}: supported are nn.Linear, "
-                        "nn.Conv1d/2d/3d, transformers Conv1D and nn.Embedding")
+        raise TypeError(
+            f"cannot mask a {type(module).__name__}: supported are nn.Linear, "
+            "nn.Conv1d/2d/3d, transformers Conv1D and nn.Embedding"
+        )
     return cls(module)

@@ -10,22 +10,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import os
 import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import PopupConfig
-from .errors import AlreadyAdaptedError, TargetModulesError
+from .errors import AlreadyAdaptedError, ArtifactError, TargetModulesError
 from .layers import PopupLayer, create_popup_layer, popup_layer_class
 from .seeding import fingerprint, init_values, normal_values, score_values
+from .specs import build_base, describe_base
 
 _NORM_CLASS_NAME = re.compile(r"(Batch|Layer|Group|Instance|RMS)Norm")
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-               nn.LocalResponseNorm)
+_NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+)
 _BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 #: path segments that wrappers insert; removed to recover the base model's own names
 _WRAPPER_SEGMENTS = re.compile(r"\.(base_layer|original_module)(?=\.|$)")
@@ -82,8 +90,9 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
 
 
-def get_popup_model(model: nn.Module, config: PopupConfig | None = None,
-                    adapter_name: str = "default", **overrides) -> PopupModel:
+def get_popup_model(
+    model: nn.Module, config: PopupConfig | None = None, adapter_name: str = "default", **overrides
+) -> PopupModel:
     """Adapt ``model`` for edge-popup: wrap its layers with scores and reset its base from the seed.
 
     ``get_popup_model(timm.create_model("resnet50"), k=0.3)`` is the whole call; keyword
@@ -107,12 +116,16 @@ class PopupModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: PopupConfig, adapter_name: str = "default"):
         super().__init__()
-        if isinstance(model, PopupModel) or any(isinstance(m, (PopupLayer, ModulesToSaveWrapper))
-                                                 for m in model.modules()):
+        if isinstance(model, PopupModel) or any(
+            isinstance(m, (PopupLayer, ModulesToSaveWrapper)) for m in model.modules()
+        ):
             raise AlreadyAdaptedError(
                 "this model already carries popup layers; add a further mask with "
-                "model.add_adapter(name, config) instead of adapting it again")
+                "model.add_adapter(name, config) instead of adapting it again"
+            )
         self.base_model = model
+        #: how to rebuild this architecture from an artifact (see popup_adapter.specs)
+        self.base_spec = describe_base(model)
         self.peft_config: dict[str, PopupConfig] = {}
         self.active_adapter = adapter_name
         # BatchNorm statistics of the adapters that are not active; the active one's live in
@@ -161,8 +174,10 @@ class PopupModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
 
     def base_state(self) -> dict[str, torch.Tensor]:
         """The frozen random (or pretrained) base, by its plain-model names: every tensor an
@@ -174,8 +189,10 @@ class PopupModel(nn.Module):
             if ".popup_scores." in name or ".modules_to_save." in name:
                 continue
             plain = base_name(name)
-            if not _inside(plain.rsplit(".", 1)[0], stored) and \
-                    plain.rsplit(".", 1)[-1] not in _BATCHNORM_STATS:
+            if (
+                not _inside(plain.rsplit(".", 1)[0], stored)
+                and plain.rsplit(".", 1)[-1] not in _BATCHNORM_STATS
+            ):
                 state[plain] = tensor.detach()
         return state
 
@@ -186,10 +203,162 @@ class PopupModel(nn.Module):
 
     def _trained_roots(self) -> list[str]:
         config = self.peft_config[self.active_adapter]
-        roots = list(config.modules_to_save or [])
-        if config.train_norms:
-            roots += [base_name(n) for n, m in self.base_model.named_modules() if is_norm_module(m)]
-        return roots
+        return list(config.modules_to_save or []) + [name for name, _ in self._trained_norms()]
+
+    def _trained_norms(self) -> list[tuple[str, nn.Module]]:
+        if not self.peft_config[self.active_adapter].train_norms:
+            return []
+        return [(name, module) for name, module in self._base_modules() if is_norm_module(module)]
+
+    def _base_modules(self) -> list[tuple[str, nn.Module]]:
+        """The plain model's modules by their plain names, outside ``modules_to_save``."""
+        saved = list(self.peft_config[self.active_adapter].modules_to_save or [])
+        return [
+            (base_name(n), m)
+            for n, m in self.base_model.named_modules()
+            if ".modules_to_save." not in n and not _inside(base_name(n), saved)
+        ]
+
+    def trained_state(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """What training changed besides the mask, by plain names: BatchNorm statistics,
+        ``modules_to_save`` and trained norms. The tensors are live views: copying into them
+        sets the model's state (this is how an artifact is loaded)."""
+        adapter_name = adapter_name or self.active_adapter
+        state = self.batchnorm_stats(adapter_name)
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                copy_ = module.modules_to_save[adapter_name]
+                for key, value in copy_.state_dict(keep_vars=True).items():
+                    state[f"{base_name(name)}.{key}"] = value
+        for name, module in self._trained_norms():
+            for leaf, param in module.named_parameters(recurse=False):
+                state[f"{name}.{leaf}"] = param
+        return {key: value.detach() for key, value in state.items()}
+
+    def load_trained_state(
+        self, adapter_name: str, state: dict[str, torch.Tensor], where: object = "the given state"
+    ) -> None:
+        """Inverse of :meth:`trained_state`; every tensor must be there, with its shape."""
+        target = self.trained_state(adapter_name)
+        if set(target) != set(state):
+            missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+            raise ArtifactError(
+                f"{where}: stored tensors do not fit this model (missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        with torch.no_grad():
+            for key, value in state.items():
+                if value.shape != target[key].shape:
+                    raise ArtifactError(
+                        f"{where}: {key} has shape {tuple(value.shape)}, the "
+                        f"model's is {tuple(target[key].shape)}"
+                    )
+                target[key].copy_(value)
+
+    # -- artifacts and the Hub
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str | None = None,
+        dataset: str | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> Path:
+        """Save ``adapter_name``'s mask (default: active) as a tiny artifact folder: the base is
+        not stored, it comes back from the seed. ``dataset`` and ``metrics`` go into the card."""
+        from .artifact import save_artifact
+
+        return save_artifact(self, save_directory, adapter_name, dataset=dataset, metrics=metrics)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        token: str | None = None,
+        adapter_name: str | None = None,
+        dataset: str | None = None,
+        metrics: dict[str, float] | None = None,
+    ):
+        """Publish the artifact to the Hugging Face Hub (creating the repo and branch if needed);
+        returns huggingface_hub's ``CommitInfo``."""
+        from .hub import push_artifact
+
+        return push_artifact(
+            self,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            token=token,
+            adapter_name=adapter_name,
+            dataset=dataset,
+            metrics=metrics,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        model: nn.Module | None = None,
+        revision: str | None = None,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **hub_kwargs,
+    ) -> PopupModel:
+        """Load a mask from a folder or a Hub repo onto its base.
+
+        Without ``model`` the base architecture is rebuilt from the artifact's spec. Either way
+        the base is regenerated from the seed and its fingerprint checked
+        (:class:`~popup_adapter.BaseMismatchError` if it differs), then the mask is applied.
+        ``hub_kwargs`` (``token``, ``cache_dir``, ``local_files_only``) go to the download.
+        """
+        from .artifact import read_artifact
+        from .hub import artifact_folder
+
+        artifact = read_artifact(artifact_folder(path_or_repo_id, revision=revision, **hub_kwargs))
+        if model is None:
+            model = build_base(artifact.base_spec, pretrained=artifact.config.init == "keep")
+        popup = cls(model, artifact.config, adapter_name)
+        artifact.load_into(popup, adapter_name)
+        popup.set_trainable(is_trainable)
+        return popup
+
+    def load_adapter(
+        self,
+        path_or_repo_id: str | os.PathLike,
+        adapter_name: str,
+        revision: str | None = None,
+        is_trainable: bool = False,
+        **hub_kwargs,
+    ) -> None:
+        """Load a further mask over this backbone as ``adapter_name`` (not made active)."""
+        from .artifact import read_artifact
+        from .hub import artifact_folder
+
+        artifact = read_artifact(artifact_folder(path_or_repo_id, revision=revision, **hub_kwargs))
+        self.add_adapter(adapter_name, artifact.config)
+        try:
+            artifact.load_into(self, adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self.set_trainable(is_trainable, adapter_name)
+
+    def set_trainable(self, is_trainable: bool, adapter_name: str | None = None) -> None:
+        """Freeze (inference: eval mode too) or unfreeze ``adapter_name``'s trainable tensors."""
+        adapter_name = adapter_name or self.active_adapter
+        if adapter_name == self.active_adapter:
+            for key, value in self.named_parameters():
+                if (
+                    f".popup_scores.{adapter_name}" in key
+                    or f".modules_to_save.{adapter_name}." in key
+                ):
+                    value.requires_grad_(is_trainable)
+            for _, module in self._trained_norms():
+                module.requires_grad_(is_trainable)
+        if not is_trainable:
+            self.eval()
 
     # -- adapters
     def add_adapter(self, adapter_name: str, config: PopupConfig) -> None:
@@ -201,15 +370,19 @@ class PopupModel(nn.Module):
             raise ValueError(
                 f"adapter {adapter_name!r} needs another base ({config.base_defining()}) than "
                 f"this backbone's ({first.base_defining()}); masks over one backbone must share "
-                "init, seed, scale_fan and the norm policy")
+                "init, seed, scale_fan and the norm policy"
+            )
         masked = {name for name, _ in self.popup_layers()}
         wanted = set(resolve_targets(self.unload_view(), config))
         if wanted != masked or (config.modules_to_save or []) != (first.modules_to_save or []):
-            raise ValueError(f"adapter {adapter_name!r} must mask the same layers and save the "
-                             "same modules as the others on this backbone")
+            raise ValueError(
+                f"adapter {adapter_name!r} must mask the same layers and save the "
+                "same modules as the others on this backbone"
+            )
         self._add_scores(adapter_name, config)
         self._stashed_bn_stats[adapter_name] = {
-            name: _fresh_stats(bn) for name, bn in self._batchnorms()}
+            name: _fresh_stats(bn) for name, bn in self._batchnorms()
+        }
         self._set_requires_grad()
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -219,7 +392,8 @@ class PopupModel(nn.Module):
         if previous != adapter_name and previous in self.peft_config:
             self._stashed_bn_stats[previous] = {
                 name: {s: getattr(bn, s).clone() for s in _BATCHNORM_STATS}
-                for name, bn in self._batchnorms()}
+                for name, bn in self._batchnorms()
+            }
             incoming = self._stashed_bn_stats.pop(adapter_name)
             with torch.no_grad():
                 for name, bn in self._batchnorms():
@@ -251,8 +425,11 @@ class PopupModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Run the dense random (or pretrained) base, every weight used, inside this block."""
-        wrappers = [m for m in self.base_model.modules()
-                    if isinstance(m, (PopupLayer, ModulesToSaveWrapper))]
+        wrappers = [
+            m
+            for m in self.base_model.modules()
+            if isinstance(m, (PopupLayer, ModulesToSaveWrapper))
+        ]
         for module in wrappers:
             module.disable_adapters = True
         try:
@@ -266,12 +443,17 @@ class PopupModel(nn.Module):
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
         if adapter_name == self.active_adapter:
-            per_bn = {name: {s: getattr(bn, s) for s in _BATCHNORM_STATS}
-                      for name, bn in self._batchnorms()}
+            per_bn = {
+                name: {s: getattr(bn, s) for s in _BATCHNORM_STATS}
+                for name, bn in self._batchnorms()
+            }
         else:
             per_bn = self._stashed_bn_stats[adapter_name]
-        return {f"{name}.{stat}": value for name, stats in per_bn.items()
-                for stat, value in stats.items()}
+        return {
+            f"{name}.{stat}": value
+            for name, stats in per_bn.items()
+            for stat, value in stats.items()
+        }
 
     # -- back to a plain model
     def merge_and_unload(self) -> nn.Module:
@@ -327,37 +509,47 @@ class PopupModel(nn.Module):
                     param.requires_grad_(True)
 
     def _batchnorms(self) -> list[tuple[str, nn.Module]]:
-        return [(base_name(n), m) for n, m in self.base_model.named_modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                and ".modules_to_save." not in n]
+        return [
+            (name, module)
+            for name, module in self._base_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        ]
 
     def _check_adapter(self, adapter_name: str | None) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; this model has "
-                             f"{sorted(self.peft_config)}")
+            raise ValueError(
+                f"unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}"
+            )
 
 
 def resolve_targets(model: nn.Module, config: PopupConfig) -> list[str]:
     """Names of the modules ``config`` masks, checked: every target exists and can be masked."""
     modules = [(name, module) for name, module in model.named_modules() if name]
     names = [name for name, _ in modules]
-    mha_children = {f"{parent}.{child}" if parent else child
-                    for parent, module in model.named_modules()
-                    if isinstance(module, nn.MultiheadAttention)
-                    for child, _ in module.named_children()}
+    mha_children = {
+        f"{parent}.{child}" if parent else child
+        for parent, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    }
     saved = list(config.modules_to_save or [])
     for root in saved:
         if root not in names:
-            raise TargetModulesError(f"modules_to_save entry {root!r} is not a module of this "
-                                     f"model{_close_names(root, names)}")
+            raise TargetModulesError(
+                f"modules_to_save entry {root!r} is not a module of this "
+                f"model{_close_names(root, names)}"
+            )
     if config.target_modules is None:
         targets = []
         for name, module in modules:
             if popup_layer_class(module, config.mask_embeddings) is None:
                 continue
             if name in mha_children:
-                warnings.warn(f"{name} is not masked: nn.MultiheadAttention reads its projection "
-                              "weights directly, bypassing the layer", stacklevel=3)
+                warnings.warn(
+                    f"{name} is not masked: nn.MultiheadAttention reads its projection "
+                    "weights directly, bypassing the layer",
+                    stacklevel=3,
+                )
                 continue
             targets.append(name)
     else:
@@ -370,24 +562,29 @@ def resolve_targets(model: nn.Module, config: PopupConfig) -> list[str]:
                     f"target {name!r} is a {type(module).__name__}, which cannot be masked: "
                     "supported are nn.Linear, nn.Conv1d/2d/3d, transformers Conv1D and "
                     "nn.Embedding (not inside nn.MultiheadAttention). Name its Linear/Conv "
-                    "children instead.")
+                    "children instead."
+                )
     if config.exclude_modules is not None:
         _check_every_selector_matches(config.exclude_modules, names, "exclude_modules")
         targets = [n for n in targets if not module_matches(n, config.exclude_modules)]
     targets = [n for n in targets if not _inside(n, saved)]
     if not targets:
-        raise TargetModulesError("no layer is left to mask after exclude_modules and "
-                                 "modules_to_save; loosen them")
+        raise TargetModulesError(
+            "no layer is left to mask after exclude_modules and modules_to_save; loosen them"
+        )
     return targets
 
 
 def _check_every_selector_matches(selector: str | list[str], names: list[str], what: str) -> None:
     entries = [selector] if isinstance(selector, str) else selector
     for entry in entries:
-        if not any(module_matches(n, [entry] if isinstance(selector, list) else selector)
-                   for n in names):
-            raise TargetModulesError(f"{what} entry {entry!r} matches no module of this model"
-                                     f"{_close_names(entry, names)}")
+        if not any(
+            module_matches(n, [entry] if isinstance(selector, list) else selector) for n in names
+        ):
+            raise TargetModulesError(
+                f"{what} entry {entry!r} matches no module of this model"
+                f"{_close_names(entry, names)}"
+            )
 
 
 def _close_names(wanted: str, names: list[str]) -> str:
@@ -426,9 +623,15 @@ def seed_base(model: nn.Module, config: PopupConfig, targets: list[str]) -> None
             name, module, leaf = min(users, key=lambda user: user[0])
             if config.init == "keep" and not _inside(name, reseeded):
                 continue
-            layer_users = [(full, mod) for full, mod, lf in users if lf == "weight" and (
-                full.rsplit(".", 1)[0] in masked or
-                popup_layer_class(mod, include_embeddings=False) is not None)]
+            layer_users = [
+                (full, mod)
+                for full, mod, lf in users
+                if lf == "weight"
+                and (
+                    full.rsplit(".", 1)[0] in masked
+                    or popup_layer_class(mod, include_embeddings=False) is not None
+                )
+            ]
             if layer_users:
                 layer_name, layer_module = min(layer_users, key=lambda user: user[0])
                 fan_in = popup_layer_class(layer_module).weight_fan_in(param)
@@ -451,9 +654,11 @@ def seed_base(model: nn.Module, config: PopupConfig, targets: list[str]) -> None
 
 
 def _fresh_stats(bn: nn.Module) -> dict[str, torch.Tensor]:
-    return {"running_mean": torch.zeros_like(bn.running_mean),
-            "running_var": torch.ones_like(bn.running_var),
-            "num_batches_tracked": torch.zeros_like(bn.num_batches_tracked)}
+    return {
+        "running_mean": torch.zeros_like(bn.running_mean),
+        "running_var": torch.ones_like(bn.running_var),
+        "num_batches_tracked": torch.zeros_like(bn.num_batches_tracked),
+    }
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -17,8 +17,14 @@ CONV_STAGES = {2: (64,), 4: (64, 128), 6: (64, 128, 256)}
 class ConvNet(nn.Module):
     """``Conv{depth}`` of the paper, ``width`` times as wide, for ``image_size`` inputs."""
 
-    def __init__(self, depth: int = 4, width: float = 1.0, in_chans: int = 1,
-                 num_classes: int = 10, image_size: int = 28) -> None:
+    def __init__(
+        self,
+        depth: int = 4,
+        width: float = 1.0,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+    ) -> None:
         super().__init__()
         if depth not in CONV_STAGES:
             raise ValueError(f"depth must be one of {sorted(CONV_STAGES)}, got {depth}")
@@ -28,20 +34,31 @@ class ConvNet(nn.Module):
         channels, size = in_chans, image_size
         for stage_channels in CONV_STAGES[depth]:
             out = max(1, round(stage_channels * width))
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.ReLU(),
-                       nn.Conv2d(out, out, 3, padding=1, bias=False), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.ReLU(),
+                nn.Conv2d(out, out, 3, padding=1, bias=False),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             channels, size = out, size // 2
         hidden = max(1, round(256 * width))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(channels * size * size, hidden, bias=False), nn.ReLU(),
-            nn.Linear(hidden, hidden, bias=False), nn.ReLU(),
+            nn.Linear(channels * size * size, hidden, bias=False),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden, bias=False),
+            nn.ReLU(),
             nn.Linear(hidden, num_classes, bias=False),
         )
-        self.spec = {"depth": depth, "width": width, "in_chans": in_chans,
-                     "num_classes": num_classes, "image_size": image_size}
+        self.spec = {
+            "depth": depth,
+            "width": width,
+            "in_chans": in_chans,
+            "num_classes": num_classes,
+            "image_size": image_size,
+        }
 
     def forward(self, x):
         return self.classifier(self.features(x))

@@ -14,26 +14,51 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def tiny_bert():
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, num_labels=3)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     return AutoModelForSequenceClassification.from_config(config)
 
 
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2,
-                                      n_head=2, bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=100,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, max_position_embeddings=64,
-                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 def timm_model(name):
@@ -48,8 +73,10 @@ MODELS = {
     "resnet50": (lambda: timm_model("resnet50"), lambda: torch.randn(2, 3, 32, 32)),
     "efficientnet_b0": (lambda: timm_model("efficientnet_b0"), lambda: torch.randn(2, 3, 32, 32)),
     "convnext_atto": (lambda: timm_model("convnext_atto"), lambda: torch.randn(2, 3, 32, 32)),
-    "vit_tiny_patch16_224": (lambda: timm_model("vit_tiny_patch16_224"),
-                             lambda: torch.randn(2, 3, 32, 32)),
+    "vit_tiny_patch16_224": (
+        lambda: timm_model("vit_tiny_patch16_224"),
+        lambda: torch.randn(2, 3, 32, 32),
+    ),
     "bert": (tiny_bert, lambda: torch.randint(0, 100, (2, 12))),
     "gpt2": (tiny_gpt2, lambda: torch.randint(0, 100, (2, 12))),
     "llama": (tiny_llama, lambda: torch.randint(0, 100, (2, 12))),

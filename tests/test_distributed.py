@@ -13,8 +13,9 @@ from popup_adapter.models import create_conv_net
 
 def _train_one_step(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.5)

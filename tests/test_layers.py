@@ -22,13 +22,19 @@ def _conv1d_gpt2():
 CASES = [
     (lambda: nn.Linear(8, 6), lambda: torch.randn(3, 8), PopupLinear),
     (lambda: nn.Conv1d(4, 6, 3, padding=1), lambda: torch.randn(2, 4, 10), PopupConv),
-    (lambda: nn.Conv2d(4, 8, 3, groups=2, padding_mode="reflect", padding=1),
-     lambda: torch.randn(2, 4, 6, 6), PopupConv),
+    (
+        lambda: nn.Conv2d(4, 8, 3, groups=2, padding_mode="reflect", padding=1),
+        lambda: torch.randn(2, 4, 6, 6),
+        PopupConv,
+    ),
     (lambda: nn.Conv2d(8, 8, 3, groups=8), lambda: torch.randn(2, 8, 6, 6), PopupConv),  # depthwise
     (lambda: nn.Conv3d(2, 4, 2), lambda: torch.randn(1, 2, 4, 4, 4), PopupConv),
     (_conv1d_gpt2, lambda: torch.randn(2, 5, 8), PopupConv1D),
-    (lambda: nn.Embedding(20, 6, padding_idx=0), lambda: torch.randint(0, 20, (2, 7)),
-     PopupEmbedding),
+    (
+        lambda: nn.Embedding(20, 6, padding_idx=0),
+        lambda: torch.randint(0, 20, (2, 7)),
+        PopupEmbedding,
+    ),
 ]
 
 

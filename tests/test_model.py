@@ -30,8 +30,7 @@ GOLDEN_FINGERPRINTS = {
 def test_import_loads_neither_timm_nor_transformers():
     import subprocess
 
-    code = ("import sys, popup_adapter; "
-            "print('timm' in sys.modules, 'transformers' in sys.modules)")
+    code = "import sys, popup_adapter; print('timm' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -107,7 +106,8 @@ def test_print_and_count_trainable_parameters(capsys, small_convnet):
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == (
         f"trainable params: {total_weights:,d} || all params: {2 * total_weights:,d} || "
-        "trainable%: 50.0000")
+        "trainable%: 50.0000"
+    )
 
 
 def test_target_matching_follows_peft():
@@ -117,8 +117,10 @@ def test_target_matching_follows_peft():
     assert names and all(n.endswith((".query", ".value")) for n in names)
     regex = get_popup_model(make(), target_modules=r".*layer\.0\..*dense")
     assert {n for n, _ in regex.popup_layers()} == {
-        "bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.intermediate.dense",
-        "bert.encoder.layer.0.output.dense"}
+        "bert.encoder.layer.0.attention.output.dense",
+        "bert.encoder.layer.0.intermediate.dense",
+        "bert.encoder.layer.0.output.dense",
+    }
     excluded = get_popup_model(make(), exclude_modules=["classifier", "pooler.dense"])
     assert "classifier" not in dict(excluded.popup_layers())
     assert "bert.pooler.dense" not in dict(excluded.popup_layers())
@@ -201,8 +203,9 @@ def test_several_adapters_keep_their_own_masks_and_batchnorm_stats():
     model.set_adapter("default")
     for key, value in model.batchnorm_stats().items():
         assert torch.equal(value, stats_default[key])
-    assert not torch.equal(model.batchnorm_stats("other")["bn1.running_var"],
-                           stats_default["bn1.running_var"])
+    assert not torch.equal(
+        model.batchnorm_stats("other")["bn1.running_var"], stats_default["bn1.running_var"]
+    )
     model.delete_adapter("default")
     assert model.active_adapter == "other" and list(model.peft_config) == ["other"]
     with pytest.raises(ValueError, match="needs another base"):
@@ -262,8 +265,9 @@ def test_pretrained_minilm_keeps_its_weights():
     model = get_popup_model(encoder, k=0.9, init="keep")
     state = model.base_state()
     assert all(torch.equal(state[name], value) for name, value in before.items())
-    reference = get_popup_model(AutoModel.from_pretrained(minilm.get_model_path()), k=0.5,
-                                init="keep")
+    reference = get_popup_model(
+        AutoModel.from_pretrained(minilm.get_model_path()), k=0.5, init="keep"
+    )
     assert model.base_fingerprint == reference.base_fingerprint
     ids = torch.randint(0, 1000, (2, 8))
     model.eval()

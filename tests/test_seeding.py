@@ -10,7 +10,10 @@ def test_streams_are_golden():
     assert seeding.random_signs(0, "x", 10).tolist() == [-1, -1, 1, -1, -1, -1, -1, 1, -1, 1]
     assert seeding.random_uniform(0, "x", 2).tolist() == [0.569475295745437, 0.021260335422539467]
     assert seeding.random_normal(3, "layer.weight", 3).tolist() == [
-        -0.28980554061338576, -0.6839037549537513, 1.249608471356852]
+        -0.28980554061338576,
+        -0.6839037549537513,
+        1.249608471356852,
+    ]
 
 
 def test_streams_ignore_global_rng_and_differ_by_seed_and_name():

@@ -4,8 +4,10 @@ import torch
 from popup_adapter.selection import masked_weight, num_kept, topk_mask
 
 
-@pytest.mark.parametrize(("k", "n", "expected"), [(0.3, 10, 3), (0.5, 27, 14), (1.0, 5, 5),
-                                                  (0.001, 10, 1), (0.1, 1, 1), (0.25, 6, 2)])
+@pytest.mark.parametrize(
+    ("k", "n", "expected"),
+    [(0.3, 10, 3), (0.5, 27, 14), (1.0, 5, 5), (0.001, 10, 1), (0.1, 1, 1), (0.25, 6, 2)],
+)
 def test_num_kept_is_round_k_n_at_least_one(k, n, expected):
     assert num_kept(k, n) == expected == max(1, round(k * n))
 

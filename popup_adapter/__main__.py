@@ -1,0 +1,61 @@
+"""``python -m popup_adapter inspect PATH_OR_REPO``: look inside an artifact, no code needed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .artifact import artifact_summary, read_artifact
+from .errors import PopupError
+from .hub import artifact_folder
+from .specs import describe
+
+
+def inspect_artifact(path_or_repo_id: str, revision: str | None = None) -> str:
+    """The report ``inspect`` prints: base, k, seed, fingerprint, and each layer's bytes."""
+    artifact = read_artifact(artifact_folder(path_or_repo_id, revision=revision))
+    summary = artifact_summary(artifact)
+    config = artifact.config
+    bits_per_weight = 8 * summary["mask_bytes"] / summary["weights"]
+    lines = [
+        f"artifact:     {artifact.folder}",
+        f"base:         {describe(artifact.base_spec)}",
+        f"k (kept):     {config.k}",
+        f"seed / init:  {config.seed} / {config.init}"
+        + (" (scale_fan)" if config.scale_fan else ""),
+        f"fingerprint:  {artifact.base_fingerprint}",
+        f"masked:       {len(summary['layers'])} layers, {summary['weights']:,d} weights",
+        f"mask bytes:   {summary['mask_bytes']:,d} ({bits_per_weight:.4f}"
+        f" bits/weight; entropy bound {summary['entropy_bytes']:,.0f}, packed bits "
+        f"{summary['packed_bytes']:,d})",
+        f"other state:  {summary['state_bytes']:,d} bytes; "
+        f"tensor file {summary['file_bytes']:,d} bytes",
+        "",
+        f"{'layer':<48} {'shape':<20} {'kept':>10} {'enc':>6} {'bytes':>10} {'bits/w':>7}",
+    ]
+    for row in summary["layers"]:
+        shape = "x".join(map(str, row["shape"]))
+        lines.append(
+            f"{row['name']:<48} {shape:<20} {row['kept']:>10,d} {row['encoding']:>6} "
+            f"{row['bytes']:>10,d} {row['bits_per_weight']:>7.4f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m popup_adapter")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="describe a mask artifact (folder or Hub repo)")
+    inspect.add_argument("path_or_repo_id")
+    inspect.add_argument("--revision", default=None)
+    args = parser.parse_args(argv)
+    try:
+        print(inspect_artifact(args.path_or_repo_id, args.revision))
+    except PopupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

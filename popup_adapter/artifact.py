@@ -1,0 +1,322 @@
+"""What is on disk: the mask artifact, a folder of three files.
+
+- ``popup_config.json``: format and library versions, the :class:`PopupConfig`, the base's spec
+  and fingerprint, every masked layer's shape, kept count and encoding, and the sha256 of the
+  tensor file;
+- ``popup_model.safetensors``: each layer's encoded mask (``mask.<layer>``, uint8) and the other
+  tensors training changed (``state.<name>``: BatchNorm statistics, ``modules_to_save``,
+  trained norms);
+- ``README.md``: a Hub model card.
+
+Nothing is pickled. Every file is written atomically (temporary file, then rename), so an
+interrupted save never leaves a half-written file under the final name, and the recorded sha256
+catches a tensor file that does not belong to its config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .codec import decode_mask, encode_mask, entropy_bits
+from .config import PopupConfig
+from .errors import ArtifactError, BaseMismatchError
+from .specs import describe
+
+if TYPE_CHECKING:
+    from .model import PopupModel
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "popup_config.json"
+WEIGHTS_NAME = "popup_model.safetensors"
+CARD_NAME = "README.md"
+ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+_MASK_PREFIX, _STATE_PREFIX = "mask.", "state."
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_artifact(
+    model: PopupModel,
+    save_directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    dataset: str | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Write ``adapter_name``'s mask (default: the active one) as an artifact folder."""
+    from safetensors.torch import save
+
+    adapter_name = adapter_name or model.active_adapter
+    folder = Path(save_directory)
+    config = model.peft_config[adapter_name]
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, mask in model.get_masks(adapter_name).items():
+        encoding, payload = encode_mask(mask)
+        tensors[_MASK_PREFIX + name] = torch.from_numpy(payload)
+        layers[name] = {"shape": list(mask.shape), "kept": int(mask.sum()), "encoding": encoding}
+    for name, value in model.trained_state(adapter_name).items():
+        tensors[_STATE_PREFIX + name] = value.detach().to("cpu").contiguous()
+    blob = save(
+        tensors, metadata={"format": "popup_adapter", "format_version": str(FORMAT_VERSION)}
+    )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library": "popup_adapter",
+        "library_version": __version__,
+        "adapter_name": adapter_name,
+        "config": config.to_dict(),
+        "base": model.base_spec,
+        "base_fingerprint": model.base_fingerprint,
+        "layers": layers,
+        "files": {WEIGHTS_NAME: {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}},
+        "dataset": dataset,
+        "metrics": metrics or {},
+    }
+    atomic_write(folder / WEIGHTS_NAME, blob)
+    atomic_write(folder / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(folder / CARD_NAME, _model_card(meta, len(blob)).encode())
+    return folder
+
+
+@dataclass
+class Artifact:
+    """A mask artifact read back from a folder, checked against its own config."""
+
+    folder: Path
+    meta: dict[str, Any]
+    config: PopupConfig
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def base_spec(self) -> dict[str, Any]:
+        return self.meta["base"]
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.meta["base_fingerprint"]
+
+    @property
+    def layers(self) -> dict[str, dict[str, Any]]:
+        return self.meta["layers"]
+
+    def mask(self, name: str) -> torch.Tensor:
+        layer = self.layers[name]
+        return decode_mask(
+            layer["encoding"],
+            self.tensors[_MASK_PREFIX + name],
+            tuple(layer["shape"]),
+            layer["kept"],
+            where=f"{self.folder / WEIGHTS_NAME}, layer {name!r}",
+        )
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        return {
+            key[len(_STATE_PREFIX) :]: torch.from_numpy(value.copy())
+            for key, value in self.tensors.items()
+            if key.startswith(_STATE_PREFIX)
+        }
+
+    def load_into(self, model: PopupModel, adapter_name: str) -> None:
+        """Check that ``model``'s base is this mask's, then set ``adapter_name``'s mask, state."""
+        where = self.folder / CONFIG_NAME
+        masked = dict(model.popup_layers())
+        if set(masked) != set(self.layers):
+            missing = sorted(set(self.layers) - set(masked))[:5]
+            extra = sorted(set(masked) - set(self.layers))[:5]
+            raise BaseMismatchError(
+                f"{where} masks other layers than this model has (in the artifact only: "
+                f"{missing}; in the model only: {extra}); the base is not "
+                f"{describe(self.base_spec)} as the mask expects"
+            )
+        for name, layer in masked.items():
+            shape = list(layer.weight.shape)
+            if shape != self.layers[name]["shape"]:
+                raise ArtifactError(
+                    f"{where}: the mask of layer {name!r} has shape "
+                    f"{self.layers[name]['shape']}, the model's weight {shape}"
+                )
+        fingerprint = model.base_fingerprint
+        if fingerprint != self.base_fingerprint:
+            raise BaseMismatchError(
+                f"the regenerated base does not match the mask in {where}: fingerprint "
+                f"{fingerprint} here, {self.base_fingerprint} in the artifact. Likely cause: "
+                f"another architecture or constructor arguments than {describe(self.base_spec)}, "
+                "a model= whose weights were changed (or, with init='keep', other pretrained "
+                "weights), or a timm/transformers version that names or shapes the parameters "
+                "differently from the one that saved it "
+                f"(saved with popup_adapter {self.meta.get('library_version')})"
+            )
+        with torch.no_grad():
+            for name, layer in masked.items():
+                layer.load_mask(adapter_name, self.mask(name))
+        model.load_trained_state(
+            adapter_name, self.stored_state(), where=self.folder / WEIGHTS_NAME
+        )
+
+
+def read_artifact(folder: str | os.PathLike) -> Artifact:
+    """Read and check an artifact folder; every problem raises :class:`ArtifactError`."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ArtifactError(
+                f"{path} does not exist: {folder} is not a popup_adapter "
+                "artifact (save one with model.save_pretrained)"
+            )
+    try:
+        meta = json.loads(config_path.read_text())
+        version = meta["format_version"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{config_path} is corrupted or truncated ({error})") from error
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{config_path} has format version {version!r}; this popup_adapter "
+            f"({__version__}) reads version {FORMAT_VERSION}. Upgrade popup_adapter."
+        )
+    blob = weights_path.read_bytes()
+    expected = meta["files"][WEIGHTS_NAME]
+    if len(blob) != expected["size"] or hashlib.sha256(blob).hexdigest() != expected["sha256"]:
+        raise ArtifactError(
+            f"{weights_path} is corrupted or truncated: {len(blob)} bytes with "
+            f"sha256 {hashlib.sha256(blob).hexdigest()[:16]}..., the config "
+            f"expects {expected['size']} bytes, {expected['sha256'][:16]}..."
+        )
+    try:
+        tensors = load(blob)
+        config = PopupConfig.from_dict(meta["config"])
+    except (SafetensorError, ValueError, TypeError) as error:
+        raise ArtifactError(f"{folder}: cannot read the artifact ({error})") from error
+    return Artifact(folder=folder, meta=meta, config=config, tensors=tensors)
+
+
+def artifact_summary(artifact: Artifact) -> dict[str, Any]:
+    """Sizes of an artifact against the entropy bound and packed bits, per layer and in total."""
+    rows = []
+    for name, layer in artifact.layers.items():
+        numel = math.prod(layer["shape"])
+        nbytes = artifact.tensors[_MASK_PREFIX + name].size
+        rows.append(
+            {
+                "name": name,
+                "shape": layer["shape"],
+                "kept": layer["kept"],
+                "k": layer["kept"] / numel,
+                "encoding": layer["encoding"],
+                "bytes": nbytes,
+                "bits_per_weight": 8 * nbytes / numel,
+                "entropy_bytes": entropy_bits(numel, layer["kept"]) / 8,
+            }
+        )
+    numel = sum(math.prod(layer["shape"]) for layer in artifact.layers.values())
+    state_bytes = sum(v.nbytes for k, v in artifact.tensors.items() if k.startswith(_STATE_PREFIX))
+    return {
+        "layers": rows,
+        "weights": numel,
+        "mask_bytes": sum(r["bytes"] for r in rows),
+        "entropy_bytes": sum(r["entropy_bytes"] for r in rows),
+        "packed_bytes": sum((math.prod(r["shape"]) + 7) // 8 for r in rows),
+        "state_bytes": state_bytes,
+        "file_bytes": (artifact.folder / WEIGHTS_NAME).stat().st_size,
+    }
+
+
+_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+An [edge-popup](https://arxiv.org/abs/1911.13299) supermask over {{ base }}, made with
+[popup_adapter](https://github.com/popup-adapter/popup_adapter). The weights are not stored:
+the base is regenerated from seed {{ seed }} ({{ init }} init) and verified by its fingerprint,
+then the mask keeps {{ k_percent }} of each masked layer's weights.
+
+| | |
+|---|---|
+| base | {{ base }} |
+| fraction of weights kept (k) | {{ k }} |
+| seed / init | {{ seed }} / {{ init }} |
+| masked layers / weights | {{ n_layers }} / {{ n_weights }} |
+| tensor file | {{ file_bytes }} bytes ({{ bits_per_weight }} bits per masked weight) |
+| base fingerprint | `{{ fingerprint }}` |
+{% if dataset %}| dataset | {{ dataset }} |
+{% endif %}{% for name, value in metrics.items() %}| {{ name }} | {{ value }} |
+{% endfor %}
+## Usage
+
+```python
+from popup_adapter import PopupModel
+
+model = PopupModel.from_pretrained("{{ repo_hint }}")  # rebuilds the base, applies the mask
+```
+"""
+
+
+def _model_card(meta: dict[str, Any], file_bytes: int) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = meta["config"]
+    numel = sum(math.prod(layer["shape"]) for layer in meta["layers"].values())
+    base = describe(meta["base"])
+    tags = ["popup-adapter", "edge-popup", "supermask", meta["base"]["library"]]
+    data = ModelCardData(
+        library_name="popup-adapter",
+        tags=tags,
+        datasets=[meta["dataset"]] if meta["dataset"] else None,
+        metrics=sorted(meta["metrics"]) or None,
+        popup={
+            "base": base,
+            "k": config["k"],
+            "seed": config["seed"],
+            "init": config["init"],
+            "base_fingerprint": meta["base_fingerprint"],
+            "metrics": meta["metrics"],
+        },
+    )
+    card = ModelCard.from_template(
+        data,
+        template_str=_CARD_TEMPLATE,
+        title=f"{base} edge-popup mask (k={config['k']})",
+        base=base,
+        seed=config["seed"],
+        init=config["init"],
+        k=config["k"],
+        k_percent=f"{100 * config['k']:g}%",
+        n_layers=len(meta["layers"]),
+        n_weights=f"{numel:,d}",
+        file_bytes=f"{file_bytes:,d}",
+        bits_per_weight=f"{8 * file_bytes / max(numel, 1):.3f}",
+        fingerprint=meta["base_fingerprint"],
+        dataset=meta["dataset"],
+        metrics=meta["metrics"],
+        repo_hint="path/or/repo-id",
+    )
+    return str(card)

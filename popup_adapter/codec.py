@@ -1,0 +1,105 @@
+"""How a mask is written in as few bits as possible.
+
+A layer mask of ``n`` weights with ``kept`` ones carries at most ``n * H(kept / n)`` bits
+(H the binary entropy): 0.88 bits a weight at k=0.3, 0.47 at k=0.1, 1 at k=0.5. Each layer is
+stored with whichever encoding is smaller:
+
+- ``packed``: one bit a weight (numpy ``packbits``, little bit order), the best at k near 0.5;
+- ``rans``: an rANS stream (the maintained ``constriction`` library, Rust) under a Bernoulli
+  model of probability ``kept / n``: within a few bytes of the entropy bound, and it decodes
+  ResNet-50's 25M weights in a fraction of a second;
+- ``all``: no payload, every weight kept (k = 1).
+
+The payload is a flat ``uint8`` array so it can live in a safetensors file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import ArtifactError
+
+ENCODINGS = ("packed", "rans", "all")
+
+
+def entropy_bits(numel: int, kept: int) -> float:
+    """``numel * H(kept / numel)``: the information in a mask, the floor of any encoding."""
+    if kept in (0, numel):
+        return 0.0
+    p = kept / numel
+    return -numel * (p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def _bernoulli(numel: int, kept: int):
+    import constriction
+
+    return constriction.stream.model.Bernoulli(kept / numel, perfect=False)
+
+
+def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
+    """``(encoding, uint8 payload)`` of a boolean mask, the smallest of :data:`ENCODINGS`."""
+    import constriction
+
+    bits = mask.detach().to("cpu").reshape(-1).numpy().astype(bool)
+    numel, kept = bits.size, int(bits.sum())
+    if kept == numel:
+        return "all", np.zeros(0, dtype=np.uint8)
+    packed = np.packbits(bits, bitorder="little")
+    if kept == 0:
+        return "packed", packed
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(bits.astype(np.int32), _bernoulli(numel, kept))
+    words = coder.get_compressed().astype("<u4")
+    if words.nbytes < packed.nbytes:
+        return "rans", words.view(np.uint8)
+    return "packed", packed
+
+
+def decode_mask(
+    encoding: str, payload: np.ndarray, shape: tuple[int, ...], kept: int, where: str
+) -> torch.Tensor:
+    """The boolean mask of ``shape`` back from :func:`encode_mask`'s output.
+
+    ``where`` names the layer and file for the error raised when the payload does not decode
+    to exactly ``kept`` ones (a corrupted or mismatched artifact).
+    """
+    import constriction
+
+    numel = math.prod(shape)
+    if encoding == "all":
+        bits = np.ones(numel, dtype=bool)
+    elif encoding == "packed":
+        if payload.size != (numel + 7) // 8:
+            raise ArtifactError(
+                f"{where}: packed mask has {payload.size} bytes, a mask of "
+                f"shape {shape} needs {(numel + 7) // 8}; the file is corrupted"
+            )
+        bits = np.unpackbits(payload, count=numel, bitorder="little").astype(bool)
+    elif encoding == "rans":
+        if payload.size % 4 or not 0 < kept < numel:
+            raise ArtifactError(f"{where}: malformed rANS payload; the file is corrupted")
+        words = np.frombuffer(payload.tobytes(), dtype="<u4").astype(np.uint32)
+        try:
+            bits = (
+                constriction.stream.stack.AnsCoder(words)
+                .decode(_bernoulli(numel, kept), numel)
+                .astype(bool)
+            )
+        except Exception as error:  # constriction raises its own types on a bad stream
+            raise ArtifactError(
+                f"{where}: the rANS stream does not decode ({error}); the file is corrupted"
+            ) from error
+    else:
+        raise ArtifactError(
+            f"{where}: unknown mask encoding {encoding!r}; known: {ENCODINGS}. "
+            "Upgrade popup_adapter?"
+        )
+    if int(bits.sum()) != kept:
+        raise ArtifactError(
+            f"{where}: the mask decodes to {int(bits.sum())} kept weights, the "
+            f"config says {kept}; the file is corrupted or not this layer's"
+        )
+    return torch.from_numpy(bits).reshape(shape)

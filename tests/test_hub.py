@@ -1,0 +1,121 @@
+"""Publishing to and loading from the Hub, through huggingface_hub's real client and our test
+Hub server on 127.0.0.1. Every client runs in a fresh process with its own empty cache."""
+
+import os
+import pathlib
+
+import pytest
+from hub_server import HubServer
+from test_artifact import FRESH_PROCESS_CHECK, ROUND_TRIP, run_fresh
+
+TESTS = str(pathlib.Path(__file__).parent)
+
+
+def client_env(hub: HubServer, cache: pathlib.Path, **extra: str) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(
+        {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_CACHE": str(cache),
+            "HF_TOKEN": "hf_test_token",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            **extra,
+        }
+    )
+    return env
+
+
+PUSH = """
+import sys, torch
+from safetensors.torch import save_file
+sys.path.insert(0, {tests!r})
+from conftest import MODELS, logits
+from test_artifact import _trained
+for name in {names!r}:
+    model = _trained(name)
+    x = MODELS[name][1]()
+    with torch.no_grad():
+        save_file({{"input": x, "output": logits(model(x))}}, f"{root}/{{name}}.io.safetensors")
+    info = model.push_to_hub(f"me/{{name}}", private=True, commit_message=f"{{name}} mask")
+    print(info.oid)
+"""
+
+
+@pytest.mark.parametrize("mode", ["regular", "lfs"])
+def test_push_then_load_in_a_fresh_process(tmp_path, mode):
+    # "regular": contents travel inline in the commit (Xet left on, never asked for);
+    # "lfs": binary files go through the git-LFS batch API, with Xet disabled
+    extra = {"HF_HUB_DISABLE_XET": "1"} if mode == "lfs" else {}
+    with HubServer(upload_mode=mode) as hub:
+        push_env = client_env(hub, tmp_path / "push-cache", **extra)
+        oids = run_fresh(PUSH.format(tests=TESTS, names=ROUND_TRIP, root=tmp_path), push_env)
+        assert len(oids.split()) == 3
+        for name in ROUND_TRIP:
+            commit = hub.state.repos[f"me/{name}"].resolve("main")
+            assert {"README.md", "popup_config.json", "popup_model.safetensors"} <= set(
+                commit.files
+            )
+            assert commit.title == f"{name} mask" and hub.state.repos[f"me/{name}"].private
+            assert ("popup_model.safetensors" in commit.lfs) == (mode == "lfs")
+        load_env = client_env(hub, tmp_path / "load-cache", **extra)
+        out = run_fresh(
+            FRESH_PROCESS_CHECK.format(
+                tests=TESTS, root=str(tmp_path), names=ROUND_TRIP, source='f"me/{name}"'
+            ),
+            load_env,
+        )
+    assert out.split() == [w for name in ROUND_TRIP for w in (name, "ok") * 2]
+    assert (tmp_path / "load-cache" / "models--me--resnet50").is_dir()  # the Hub cache was used
+
+
+REVISIONS = """
+from huggingface_hub import HfApi
+from popup_adapter import get_popup_model
+from popup_adapter.models import create_conv_net
+for k, revision in ((0.3, None), (0.1, "v1")):
+    model = get_popup_model(create_conv_net("conv2", width=0.25), k=k)
+    model.push_to_hub("me/conv", revision=revision)
+HfApi().create_tag("me/conv", tag="first", revision="main")
+HfApi().create_repo("me/empty")
+"""
+
+LOAD_REVISIONS = """
+from popup_adapter import ArtifactError, PopupModel
+for revision in (None, "v1", "first"):
+    loaded = PopupModel.from_pretrained("me/conv", revision=revision)
+    print(revision, loaded.peft_config["default"].k)
+for repo, revision in (("me/missing", None), ("me/conv", "v9"), ("me/empty", None)):
+    try:
+        PopupModel.from_pretrained(repo, revision=revision)
+    except ArtifactError as error:
+        print("error:", error)
+"""
+
+LOAD_OFFLINE = """
+from popup_adapter import ArtifactError, PopupModel
+try:
+    print(PopupModel.from_pretrained("me/conv").peft_config["default"].k)
+except ArtifactError as error:
+    print("error:", error)
+"""
+
+
+def test_revisions_tags_offline_and_errors(tmp_path):
+    with HubServer() as hub:
+        run_fresh(REVISIONS, client_env(hub, tmp_path / "push"))
+        cache = tmp_path / "cache"
+        out = run_fresh(LOAD_REVISIONS, client_env(hub, cache)).splitlines()
+        assert out[:3] == ["None 0.3", "v1 0.1", "first 0.3"]
+        assert "'me/missing' is neither a local folder nor a Hub repo you can read" in out[3]
+        assert "the Hub repo 'me/conv' has no revision 'v9'" in out[4]
+        assert "me/empty@main has no popup_config.json: it is not a popup_adapter" in out[5]
+        served = len(hub.state.requests)
+        # offline, from the cache the previous process filled: no request reaches the server
+        offline = run_fresh(LOAD_OFFLINE, client_env(hub, cache, HF_HUB_OFFLINE="1"))
+        assert offline.strip() == "0.3" and len(hub.state.requests) == served
+        # offline with an empty cache: a clear error, not a network attempt
+        empty = run_fresh(LOAD_OFFLINE, client_env(hub, tmp_path / "empty", HF_HUB_OFFLINE="1"))
+        assert "me/conv@main is not in the Hub cache and the Hub cannot be reached" in empty
