@@ -81,7 +81,10 @@ def save_artifact(
     for name, value in model.trained_state(adapter_name).items():
         tensors[_STATE_PREFIX + name] = value.detach().to("cpu").contiguous()
     blob = save(
-        tensors, metadata={"format": "popup_adapter", "format_version": str(FORMAT_VERSION)}
+        # one metadata key: safetensors writes several in no fixed order, and identical saves
+        # should be identical bytes (the same sha256, so the Hub and its cache deduplicate them)
+        tensors,
+        metadata={"format": f"popup_adapter/{FORMAT_VERSION}"},
     )
     meta = {
         "format_version": FORMAT_VERSION,

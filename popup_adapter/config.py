@@ -8,6 +8,8 @@ from typing import Any
 
 #: Initialisations of the random base. ``keep`` leaves a pretrained base as it is.
 INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform", "keep")
+#: Initial scores: seeded uniform (the paper), or |W| so the search starts from magnitude pruning.
+SCORE_INITS = ("uniform", "magnitude")
 
 
 def _as_name_list(value: str | list[str] | tuple[str, ...] | None, what: str) -> Any:
@@ -47,6 +49,9 @@ class PopupConfig:
         reseed_modules: with ``init="keep"``, modules whose tensors are nevertheless drawn from
             the seed: a new head that the pretrained checkpoint does not contain is otherwise
             random from torch's global RNG and could not be rebuilt by whoever loads the mask.
+        score_init: ``"uniform"`` (the paper: seeded uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+            a random initial mask) or ``"magnitude"`` (|W|: the search starts from magnitude
+            pruning, which keeps a pretrained network working from the first step).
     """
 
     k: float = 0.3
@@ -59,6 +64,7 @@ class PopupConfig:
     train_norms: bool = False
     mask_embeddings: bool = False
     reseed_modules: list[str] | None = field(default=None)
+    score_init: str = "uniform"
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)):
@@ -71,6 +77,10 @@ class PopupConfig:
             )
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.score_init not in SCORE_INITS:
+            raise ValueError(
+                f"unknown score_init {self.score_init!r}; choose one of {', '.join(SCORE_INITS)}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.scale_fan and self.init == "keep":

@@ -92,7 +92,10 @@ class PopupLayer(nn.Module):
     def get_mask(self, adapter_name: str | None = None) -> torch.Tensor:
         """The boolean mask of ``adapter_name`` (default: active), shaped like the weight."""
         adapter_name = adapter_name or self.active_adapter
-        return topk_mask(self.popup_scores[adapter_name], self.popup_kept[adapter_name])
+        scores = self.popup_scores[adapter_name]
+        if hasattr(scores, "full_tensor"):  # sharded (FSDP2 DTensor): the mask is per layer
+            scores = scores.full_tensor()
+        return topk_mask(scores, self.popup_kept[adapter_name])
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: ``W * M`` of the active adapter, or ``W`` when off.

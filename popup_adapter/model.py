@@ -495,7 +495,12 @@ class PopupModel(nn.Module):
     def _add_scores(self, adapter_name: str, config: PopupConfig) -> None:
         self.peft_config[adapter_name] = config
         for name, layer in self.popup_layers():
-            scores = score_values(config.seed, f"{name}.weight", layer.weight.shape, layer.fan_in)
+            if config.score_init == "magnitude":
+                scores = layer.weight.detach().abs().float().clone()
+            else:
+                scores = score_values(
+                    config.seed, f"{name}.weight", layer.weight.shape, layer.fan_in
+                )
             layer.update_layer(adapter_name, config.k, scores)
         for module in self.base_model.modules():
             if isinstance(module, ModulesToSaveWrapper):

