@@ -43,6 +43,7 @@ def inspect_artifact(path_or_repo_id: str, revision: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m popup_adapter``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m popup_adapter")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="describe a mask artifact (folder or Hub repo)")

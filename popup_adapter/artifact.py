@@ -42,6 +42,8 @@ WEIGHTS_NAME = "popup_model.safetensors"
 CARD_NAME = "README.md"
 ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 _MASK_PREFIX, _STATE_PREFIX = "mask.", "state."
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -53,6 +55,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; publish like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -116,17 +119,21 @@ class Artifact:
 
     @property
     def base_spec(self) -> dict[str, Any]:
+        """How to rebuild the base architecture (see :mod:`popup_adapter.specs`)."""
         return self.meta["base"]
 
     @property
     def base_fingerprint(self) -> str:
+        """sha256 of the base the mask was trained over."""
         return self.meta["base_fingerprint"]
 
     @property
     def layers(self) -> dict[str, dict[str, Any]]:
+        """``{layer: {shape, kept, encoding}}`` of every masked layer."""
         return self.meta["layers"]
 
     def mask(self, name: str) -> torch.Tensor:
+        """The decoded boolean mask of layer ``name``."""
         layer = self.layers[name]
         return decode_mask(
             layer["encoding"],
@@ -137,6 +144,7 @@ class Artifact:
         )
 
     def stored_state(self) -> dict[str, torch.Tensor]:
+        """The stored tensors besides the masks (BatchNorm statistics, saved modules)."""
         return {
             key[len(_STATE_PREFIX) :]: torch.from_numpy(value.copy())
             for key, value in self.tensors.items()

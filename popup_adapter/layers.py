@@ -37,10 +37,12 @@ class PopupLayer(nn.Module):
     # -- read-through to the base layer, so e.g. tied-weight code and `.weight.shape` still work
     @property
     def weight(self) -> torch.Tensor:
+        """The frozen base weight (read-through to ``base_layer``)."""
         return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The base layer's bias, or None."""
         return getattr(self.base_layer, "bias", None)
 
     @staticmethod
@@ -50,6 +52,7 @@ class PopupLayer(nn.Module):
 
     @property
     def fan_in(self) -> int:
+        """This layer's fan-in, as Kaiming's init counts it."""
         return self.weight_fan_in(self.weight)
 
     def update_layer(self, adapter_name: str, k: float, scores: torch.Tensor) -> None:
@@ -64,6 +67,7 @@ class PopupLayer(nn.Module):
         self.popup_kept[adapter_name] = num_kept(k, self.weight.numel())
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``'s scores from this layer."""
         del self.popup_scores[adapter_name]
         del self.popup_kept[adapter_name]
         if self.active_adapter == adapter_name:
@@ -117,6 +121,7 @@ class PopupLayer(nn.Module):
         return self._eval_cache[1]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's computation with the active adapter's ``W * M``."""
         return self.forward_with_weight(x, self.effective_weight())
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -130,6 +135,7 @@ class PopupLayer(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
+        """Kept counts per adapter and the active one, for ``print(model)``."""
         kept = ", ".join(f"{a}: {n}/{self.weight.numel()}" for a, n in self.popup_kept.items())
         return f"kept=({kept}), active={self.active_adapter!r}"
 
@@ -138,6 +144,7 @@ class PopupLinear(PopupLayer):
     """Masked ``nn.Linear``."""
 
     def forward_with_weight(self, x, weight):
+        """``F.linear`` with ``weight``, the base layer's bias."""
         return F.linear(x, weight, self.base_layer.bias)
 
 
@@ -146,6 +153,7 @@ class PopupConv(PopupLayer):
     mode: the base layer's own ``_conv_forward`` does the work."""
 
     def forward_with_weight(self, x, weight):
+        """The base conv's own ``_conv_forward`` with ``weight``."""
         return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
 
 
@@ -155,9 +163,11 @@ class PopupConv1D(PopupLayer):
 
     @staticmethod
     def weight_fan_in(weight: torch.Tensor) -> int:
+        """The first dimension: Conv1D stores ``(in_features, out_features)``."""
         return weight.shape[0]
 
     def forward_with_weight(self, x, weight):
+        """``x @ weight + bias``, as transformers' Conv1D computes it."""
         size_out = (*x.size()[:-1], self.base_layer.nf)
         out = torch.addmm(self.base_layer.bias, x.view(-1, x.size(-1)), weight)
         return out.view(size_out)
@@ -168,9 +178,11 @@ class PopupEmbedding(PopupLayer):
 
     @staticmethod
     def weight_fan_in(weight: torch.Tensor) -> int:
+        """The embedding dimension, as torch's Kaiming init counts it."""
         return weight.shape[1]
 
     def forward_with_weight(self, x, weight):
+        """``F.embedding`` with ``weight`` and the base layer's options."""
         base = self.base_layer
         return F.embedding(
             x,

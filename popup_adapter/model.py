@@ -75,16 +75,19 @@ class ModulesToSaveWrapper(nn.Module):
         self.disable_adapters = False
 
     def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for ``adapter_name``."""
         copy_ = copy.deepcopy(self.original_module)
         copy_.requires_grad_(True)
         self.modules_to_save[adapter_name] = copy_
 
     def set_adapter(self, adapter_name: str | None) -> None:
+        """Route the forward to ``adapter_name``'s copy; only it trains."""
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == adapter_name)
         self.active_adapter = adapter_name
 
     def forward(self, *args, **kwargs):
+        """The active adapter's copy (the original when adapters are disabled)."""
         if self.disable_adapters or self.active_adapter is None:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
@@ -151,6 +154,7 @@ class PopupModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
+        """The wrapped model's forward, with every masked layer using ``W * M``."""
         return self.base_model(*args, **kwargs)
 
     # -- inspection
@@ -173,6 +177,7 @@ class PopupModel(nn.Module):
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
+        """Print PEFT's one-line summary of trainable and total parameters."""
         trainable, total = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || "

@@ -61,6 +61,7 @@ class ConvNet(nn.Module):
         }
 
     def forward(self, x):
+        """Logits of a batch of ``(in_chans, image_size, image_size)`` images."""
         return self.classifier(self.features(x))
 
 

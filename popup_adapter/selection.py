@@ -46,6 +46,7 @@ class StraightThroughMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, kept: int) -> torch.Tensor:
+        """``weight * mask``, the mask the top ``kept`` of ``|scores|``."""
         mask = topk_mask(scores, kept)
         # the mask is only needed for a weight gradient (weights are frozen in edge-popup)
         ctx.save_for_backward(weight, scores, mask if weight.requires_grad else None)
@@ -53,6 +54,7 @@ class StraightThroughMask(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        """Straight-through: every score gets ``grad * W * sign(S)``."""
         weight, scores, mask = ctx.saved_tensors
         grad_weight = grad_output * mask if ctx.needs_input_grad[0] else None
         grad_scores = None

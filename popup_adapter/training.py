@@ -93,6 +93,7 @@ class SeededDataset(Dataset):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose augmentations the next samples get."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -112,6 +113,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.length, self.seed, self.epoch = length, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose permutation the next iteration yields."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -130,9 +132,11 @@ class TrainingProgress:
         self.history: list[dict[str, float]] = []
 
     def state_dict(self) -> dict[str, Any]:
+        """The position, as Accelerate's checkpoint stores it."""
         return {"step": self.step, "history": json.dumps(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position from a checkpoint."""
         self.step, self.history = int(state["step"]), json.loads(state["history"])
 
 

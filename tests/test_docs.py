@@ -1,0 +1,70 @@
+"""Every Python block in the docs runs: a page's blocks in order, in one namespace.
+
+An HTML comment before a block marks it: ``<!-- test: slow -->`` (pytest's ``slow`` marker) or
+``<!-- test: skip (why) -->``. A page whose first line is ``<!-- test: hub -->`` runs in a fresh
+process against the test Hub server, since it pushes and downloads.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hub_server import HubServer
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+BLOCK = re.compile(r"(?:<!-- test: (?P<mark>\w+)[^>]*-->\s*\n)?```python\n(?P<code>.*?)```", re.S)
+PAGES = sorted(DOCS.rglob("*.md"))
+
+
+def blocks(page: Path, include_slow: bool) -> list[str]:
+    found = []
+    for match in BLOCK.finditer(page.read_text()):
+        mark = match.group("mark")
+        if mark == "skip" or (mark == "slow" and not include_slow):
+            continue
+        found.append(match.group("code"))
+    return found
+
+
+def page_params():
+    for page in PAGES:
+        text = page.read_text()
+        if "```python" not in text:
+            continue
+        slow = "<!-- test: slow" in text
+        name = str(page.relative_to(DOCS))
+        yield pytest.param(page, False, id=name)
+        if slow:
+            yield pytest.param(page, True, id=f"{name}[slow]", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize(("page", "include_slow"), list(page_params()))
+def test_docs_page_runs(page, include_slow, tmp_path, monkeypatch):
+    code = "\n".join(blocks(page, include_slow))
+    monkeypatch.chdir(tmp_path)  # snippets write out/... here, as from a checkout's root
+    (tmp_path / "recipes").symlink_to(DOCS.parent / "recipes")
+    if page.read_text().startswith("<!-- test: hub -->"):
+        with HubServer() as hub:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+            env.update(
+                HF_ENDPOINT=hub.endpoint,
+                HF_HUB_OFFLINE="0",
+                HF_TOKEN="hf_docs",
+                HF_HUB_CACHE=str(tmp_path / "cache"),
+                HF_HUB_DISABLE_PROGRESS_BARS="1",
+            )
+            result = subprocess.run(
+                [sys.executable, "-c", code],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        assert result.returncode == 0, result.stderr[-4000:]
+        return
+    exec(compile(textwrap.dedent(code), str(page), "exec"), {"__name__": "__docs__"})
