@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .selection import masked_weight, num_kept, topk_mask
+from .selection import SelectionState, masked_weight, num_kept, topk_mask
 
 
 class PopupLayer(nn.Module):
@@ -30,6 +30,8 @@ class PopupLayer(nn.Module):
         self.base_layer = base_layer
         self.popup_scores = nn.ParameterDict()
         self.popup_kept: dict[str, int] = {}
+        #: per adapter, the last threshold, so the next selection is cheap (see selection.py)
+        self.popup_selection: dict[str, SelectionState] = {}
         self.active_adapter: str | None = None
         self.disable_adapters = False
         self._eval_cache: tuple[tuple, torch.Tensor] | None = None
@@ -65,11 +67,13 @@ class PopupLayer(nn.Module):
         param = nn.Parameter(scores.to(self.weight.device), requires_grad=True)
         self.popup_scores[adapter_name] = param
         self.popup_kept[adapter_name] = num_kept(k, self.weight.numel())
+        self.popup_selection[adapter_name] = SelectionState()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name``'s scores from this layer."""
         del self.popup_scores[adapter_name]
         del self.popup_kept[adapter_name]
+        del self.popup_selection[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
         self._eval_cache = None
@@ -114,7 +118,7 @@ class PopupLayer(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             if not torch.compiler.is_compiling():
                 self._eval_cache = None  # training: do not hold a stale copy of the weight
-            return masked_weight(self.weight, scores, kept)
+            return masked_weight(self.weight, scores, kept, self.popup_selection[adapter])
         key = (adapter, scores._version, id(scores), self.weight._version, id(self.weight))
         if self._eval_cache is None or self._eval_cache[0] != key:
             self._eval_cache = (key, self.weight * topk_mask(scores, kept))

@@ -1,11 +1,22 @@
 """Which weights are kept: exact per-layer top-k by |score|, and the straight-through gradient.
 
-This is the hot path of training, so it avoids a full sort: ``kthvalue`` finds the threshold in
-linear time, and ties at the threshold are broken deterministically (lowest flat index first)
-without any host synchronisation, which keeps the function traceable by ``torch.compile``.
+This is the hot path of training. Exactness is the contract (every layer keeps exactly
+``kept`` weights, the largest |score|, ties to the lowest index); speed comes from two things:
+
+- no sort: ``kthvalue`` finds the threshold in linear time;
+- **threshold reuse**: scores move little between optimizer steps, so each layer remembers its
+  last threshold (:class:`SelectionState`) and first counts the scores above a narrow band
+  around it. When the new threshold lies in the band (the usual case), only the few scores inside
+  it go through ``kthvalue``; otherwise the band widens and the full ``kthvalue`` runs. Either
+  way the result is the exact top-k.
+
+Under ``torch.compile`` a branch-free version runs instead (no host synchronisation, no graph
+break): full ``kthvalue``, ties broken with a cumulative sum.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -15,22 +26,66 @@ def num_kept(k: float, numel: int) -> int:
     return max(1, min(numel, round(k * numel)))
 
 
-def topk_mask(scores: torch.Tensor, kept: int) -> torch.Tensor:
+@dataclass
+class SelectionState:
+    """What a layer remembers between steps to select faster: its last threshold and the band
+    half-width to search around it."""
+
+    threshold: float | None = None
+    band: float = 0.0
+
+
+def _break_ties(magnitude: torch.Tensor, threshold: torch.Tensor, kept: int) -> torch.Tensor:
+    """Exactly ``kept`` entries: all above ``threshold``, then the lowest-index ties at it."""
+    above = magnitude > threshold
+    at_threshold = magnitude == threshold
+    still_needed = kept - above.sum()
+    return above | (at_threshold & (at_threshold.cumsum(0) <= still_needed))
+
+
+def _threshold_in_band(
+    magnitude: torch.Tensor, kept: int, state: SelectionState
+) -> torch.Tensor | None:
+    """The kept-th largest value if it lies within the band around the last threshold."""
+    low, high = state.threshold - state.band, state.threshold + state.band
+    above_high = int((magnitude > high).sum())
+    if above_high >= kept:
+        return None
+    in_band = magnitude[(magnitude >= low) & (magnitude <= high)]
+    if above_high + in_band.numel() < kept:
+        return None
+    return in_band.kthvalue(in_band.numel() - (kept - above_high) + 1).values
+
+
+def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = None) -> torch.Tensor:
     """Boolean mask of the ``kept`` entries of ``scores`` with the largest absolute value.
 
     Exactly ``kept`` entries are True. Among entries tied at the threshold, those with the lowest
-    flat index win, so the mask is the same on every device and run.
+    flat index win, so the mask is the same on every device and run. ``state`` (optional) is
+    read and updated to reuse the last threshold; the result does not depend on it.
     """
     magnitude = scores.detach().abs().flatten()
     numel = magnitude.numel()
     if kept >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
-    # the kept-th largest value is the (numel - kept + 1)-th smallest
-    threshold = magnitude.kthvalue(numel - kept + 1).values
-    above = magnitude > threshold
-    at_threshold = magnitude == threshold
-    still_needed = kept - above.sum()
-    mask = above | (at_threshold & (at_threshold.cumsum(0) <= still_needed))
+    if state is None or torch.compiler.is_compiling():
+        threshold = magnitude.kthvalue(numel - kept + 1).values
+        return _break_ties(magnitude, threshold, kept).view_as(scores)
+
+    threshold = None
+    if state.threshold is not None:
+        threshold = _threshold_in_band(magnitude, kept, state)
+    if threshold is None:
+        threshold = magnitude.kthvalue(numel - kept + 1).values
+        state.band = max(state.band * 4, 1e-6 * float(threshold) + 1e-12)
+    else:
+        state.band = max(state.band * 0.75, 1e-12)
+    moved = abs(float(threshold) - state.threshold) if state.threshold is not None else 0.0
+    state.band = max(state.band, 2 * moved)
+    state.threshold = float(threshold)
+    mask = magnitude >= threshold
+    if int(mask.sum()) != kept:  # ties at the threshold: rare with float scores
+        mask = _break_ties(magnitude, threshold, kept)
     return mask.view_as(scores)
 
 
@@ -45,9 +100,15 @@ class StraightThroughMask(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, kept: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        weight: torch.Tensor,
+        scores: torch.Tensor,
+        kept: int,
+        state: SelectionState | None = None,
+    ) -> torch.Tensor:
         """``weight * mask``, the mask the top ``kept`` of ``|scores|``."""
-        mask = topk_mask(scores, kept)
+        mask = topk_mask(scores, kept, state)
         # the mask is only needed for a weight gradient (weights are frozen in edge-popup)
         ctx.save_for_backward(weight, scores, mask if weight.requires_grad else None)
         return weight * mask
@@ -60,9 +121,11 @@ class StraightThroughMask(torch.autograd.Function):
         grad_scores = None
         if ctx.needs_input_grad[1]:
             grad_scores = (grad_output * weight * scores.sign()).to(scores.dtype)
-        return grad_weight, grad_scores, None
+        return grad_weight, grad_scores, None, None
 
 
-def masked_weight(weight: torch.Tensor, scores: torch.Tensor, kept: int) -> torch.Tensor:
+def masked_weight(
+    weight: torch.Tensor, scores: torch.Tensor, kept: int, state: SelectionState | None = None
+) -> torch.Tensor:
     """``weight * topk_mask(scores, kept)`` with the straight-through gradient to ``scores``."""
-    return StraightThroughMask.apply(weight, scores, kept)
+    return StraightThroughMask.apply(weight, scores, kept, state)

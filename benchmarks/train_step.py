@@ -1,0 +1,181 @@
+"""A popup training step against a dense training step, and against the reference full sort.
+
+    python benchmarks/train_step.py [--models resnet18,resnet50,vit,bert,gpt2] [--rounds 7]
+    python benchmarks/train_step.py --memory          # peak RSS of each variant, own process
+
+A step is forward + backward + SGD (momentum) step. The three variants of each model are timed
+interleaved, round after round, in one process (medians and min-max spread):
+
+- ``dense``: the plain model, every weight trained (the floor: the same gradients are computed);
+- ``popup``: ``get_popup_model(model, k=0.5)``, only scores train, popup_adapter's selection;
+- ``sort``: the same popup model with the reference implementation's selection (a full sort of
+  every layer's scores on every forward), carried here as the baseline.
+
+With ``--memory`` each variant runs in a fresh process and reports its peak RSS minus its RSS
+right after imports (so the model, its gradients and optimizer state all count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import build, logits_of
+
+from popup_adapter import get_popup_model
+from popup_adapter import layers as popup_layers
+
+
+class ReferenceSortMask(torch.autograd.Function):
+    """The reference implementation's GetSubnet: sort all |scores|, keep the top ``kept``."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, kept, state=None):
+        out = scores.detach().abs().clone()
+        _, idx = out.flatten().sort()
+        flat = out.flatten()
+        flat[idx[: flat.numel() - kept]] = 0
+        flat[idx[flat.numel() - kept :]] = 1
+        ctx.save_for_backward(weight, scores)
+        return weight * out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scores = ctx.saved_tensors
+        return None, grad * weight * scores.sign(), None, None
+
+
+@contextmanager
+def reference_selection():
+    original = popup_layers.masked_weight
+    popup_layers.masked_weight = ReferenceSortMask.apply
+    try:
+        yield
+    finally:
+        popup_layers.masked_weight = original
+
+
+def make_step(model, make_batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    batch = make_batch()
+
+    def step():
+        inputs, labels = batch
+        loss = F.cross_entropy(logits_of(model(inputs)), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def variants(name: str):
+    dense, make_batch = build(name)
+    popup = get_popup_model(build(name)[0], k=0.5)
+    return {
+        "dense": (make_step(dense.train(), make_batch), nullcontext),
+        "popup": (make_step(popup.train(), make_batch), nullcontext),
+        "sort": (make_step(popup.train(), make_batch), reference_selection),
+    }
+
+
+def time_model(name: str, rounds: int, steps: int) -> dict[str, list[float]]:
+    runs = variants(name)
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for step, context in runs.values():  # warm-up
+        with context():
+            step()
+    for _ in range(rounds):
+        for key, (step, context) in runs.items():
+            with context():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[key].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def memory_child(name: str, variant: str) -> None:
+    after_imports = rss_mb()
+    if variant == "dense":
+        model, make_batch = build(name)
+        step = make_step(model.train(), make_batch)
+    else:
+        model = get_popup_model(build(name)[0], k=0.5)
+        step = make_step(model.train(), build(name)[1])
+    for _ in range(3):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_minus_imports_mb": peak - after_imports}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,resnet50,vit,bert,gpt2")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=2, help="steps timed per round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        memory_child(*args.child)
+        return
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, k=0.5, "
+        "timm models at 64x64 batch 32, BERT/GPT-2 (4 layers, hidden 256) batch 8 x 128"
+    )
+    for name in args.models.split(","):
+        if args.memory:
+            peaks = {}
+            for variant in ("dense", "popup"):
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        name,
+                        variant,
+                        "--threads",
+                        str(args.threads),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                peaks[variant] = json.loads(out.splitlines()[-1])["peak_minus_imports_mb"]
+            print(
+                f"{name:<9} memory: dense {peaks['dense']:7.0f} MB, popup "
+                f"{peaks['popup']:7.0f} MB, popup/dense {peaks['popup'] / peaks['dense']:.2f}x"
+            )
+            continue
+        times = time_model(name, args.rounds, args.steps)
+        med = {key: statistics.median(values) for key, values in times.items()}
+        spread = {key: f"{min(v) * 1e3:.0f}-{max(v) * 1e3:.0f}" for key, v in times.items()}
+        print(
+            f"{name:<9} dense {med['dense'] * 1e3:7.1f} ms ({spread['dense']}), popup "
+            f"{med['popup'] * 1e3:7.1f} ms ({spread['popup']}), sort {med['sort'] * 1e3:7.1f} "
+            f"ms ({spread['sort']}) | popup/dense {med['popup'] / med['dense']:.3f}x, "
+            f"sort/popup {med['sort'] / med['popup']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
