@@ -43,18 +43,36 @@ def _break_ties(magnitude: torch.Tensor, threshold: torch.Tensor, kept: int) -> 
     return above | (at_threshold & (at_threshold.cumsum(0) <= still_needed))
 
 
+#: band searches tried (each moving and widening the band toward the threshold) before the
+#: full kthvalue
+_BAND_TRIES = 4
+
+
 def _threshold_in_band(
     magnitude: torch.Tensor, kept: int, state: SelectionState
-) -> torch.Tensor | None:
-    """The kept-th largest value if it lies within the band around the last threshold."""
+) -> tuple[torch.Tensor, bool] | None:
+    """The kept-th largest value, searched in a band around the last threshold, and whether
+    exactly ``kept`` values reach it (no ties), known from the band alone.
+
+    Each try costs two counting passes. When the threshold is not inside the band, the counts
+    say on which side it lies, and the band moves and widens that way. None after
+    ``_BAND_TRIES`` misses.
+    """
     low, high = state.threshold - state.band, state.threshold + state.band
-    above_high = int((magnitude > high).sum())
-    if above_high >= kept:
-        return None
-    in_band = magnitude[(magnitude >= low) & (magnitude <= high)]
-    if above_high + in_band.numel() < kept:
-        return None
-    return in_band.kthvalue(in_band.numel() - (kept - above_high) + 1).values
+    for _ in range(_BAND_TRIES):
+        above_high = int((magnitude > high).sum())
+        if above_high >= kept:  # the threshold is above the band
+            low, high = high, high + 4 * (high - low)
+            continue
+        in_band = magnitude[(magnitude >= low) & (magnitude <= high)]
+        if above_high + in_band.numel() < kept:  # below the band
+            low, high = max(0.0, low - 4 * (high - low)), low
+            continue
+        state.band = max(state.band, (high - low) / 2)
+        needed = kept - above_high
+        threshold = in_band.kthvalue(in_band.numel() - needed + 1).values
+        return threshold, int((in_band >= threshold).sum()) == needed
+    return None
 
 
 def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = None) -> torch.Tensor:
@@ -72,19 +90,21 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
         threshold = magnitude.kthvalue(numel - kept + 1).values
         return _break_ties(magnitude, threshold, kept).view_as(scores)
 
-    threshold = None
-    if state.threshold is not None:
-        threshold = _threshold_in_band(magnitude, kept, state)
-    if threshold is None:
+    found = _threshold_in_band(magnitude, kept, state) if state.threshold is not None else None
+    if found is None:
         threshold = magnitude.kthvalue(numel - kept + 1).values
+        no_ties = None  # unknown: counted below
         state.band = max(state.band * 4, 1e-6 * float(threshold) + 1e-12)
     else:
+        threshold, no_ties = found
         state.band = max(state.band * 0.75, 1e-12)
     moved = abs(float(threshold) - state.threshold) if state.threshold is not None else 0.0
     state.band = max(state.band, 2 * moved)
     state.threshold = float(threshold)
     mask = magnitude >= threshold
-    if int(mask.sum()) != kept:  # ties at the threshold: rare with float scores
+    if no_ties is None:
+        no_ties = int(mask.sum()) == kept
+    if not no_ties:  # ties at the threshold: rare with float scores
         mask = _break_ties(magnitude, threshold, kept)
     return mask.view_as(scores)
 
