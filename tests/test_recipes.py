@@ -100,6 +100,35 @@ def test_imagenet_recipe_under_two_real_ddp_processes(image_folder, tmp_path):
     assert checkpoints == ["step_3", "step_4"]
 
 
+def test_unsynchronised_launch_is_refused(image_folder, tmp_path):
+    """``--multi_gpu`` on CPU without ACCELERATE_USE_CPU=1 starts two separate runs: refused."""
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(
+        launch + imagenet_args(image_folder, tmp_path / "bad", "--workers", "0"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "2 processes were launched but Accelerate runs 1" in result.stdout + result.stderr
+
+
 def test_resumed_run_ends_with_the_same_masks(image_folder, tmp_path):
     # two loader workers and timm's random training augmentations: the hard case
     whole = imagenet_args(image_folder, tmp_path / "whole", "--workers", "2")
@@ -190,3 +219,46 @@ def test_text_recipe_runs_on_the_pretrained_encoder(tmp_path, mode):
         assert loaded.peft_config["default"].init == "keep"
     else:
         assert (tmp_path / mode / "model.safetensors").is_file()
+
+
+@needs_fashion_mnist
+def test_sweep_writes_table_and_figure_and_resumes(tmp_path):
+    import csv
+
+    pytest.importorskip("matplotlib")
+    sweep = [
+        sys.executable,
+        str(RECIPES / "sweep_k.py"),
+        "--models",
+        "conv2",
+        "--width",
+        "0.25",
+        "--inits",
+        "signed_constant,kaiming_normal+scaled",
+        "--dense-lrs",
+        "0.1",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "512",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    run([*sweep, "--ks", "0.3,0.5"])
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["init"], r["k"]) for r in rows] == [
+        ("dense", "1.0"),
+        ("signed_constant", "0.3"),
+        ("signed_constant", "0.5"),
+        ("kaiming_normal+scaled", "0.3"),
+        ("kaiming_normal+scaled", "0.5"),
+    ]
+    assert all(0.0 <= float(r["top1"]) <= 1.0 for r in rows)
+    assert (tmp_path / "conv2.png").stat().st_size > 10_000
+    out = run([*sweep, "--ks", "0.3,0.5,0.7"])  # started again with one more k
+    finished = [line.split(":")[0] for line in out.splitlines() if line.startswith("conv2-")]
+    assert finished == [
+        "conv2-0.25-signed_constant-0.7-0-0.1-1",
+        "conv2-0.25-kaiming_normal_scaled-0.7-0-0.1-1",
+    ]  # only the new runs
+    assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == 7
