@@ -19,6 +19,8 @@ module adds what a mask search needs around them:
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -76,6 +78,14 @@ class TrainingArguments:
     push_to_hub: str | None = None
     keep_checkpoints: int = 2
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **fields: Any) -> TrainingArguments:
+        """From a recipe's parsed command line (see :func:`add_training_arguments`): every
+        attribute named like a field, then ``fields`` on top."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        values = {key: value for key, value in vars(args).items() if key in known}
+        return cls(**{**values, **fields})
+
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
@@ -83,6 +93,33 @@ class TrainingArguments:
             raise ValueError(
                 f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"
             )
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """Add the command-line flags every recipe shares, with the recipe's own ``defaults``
+    (keyword names are the fields of :class:`TrainingArguments`)."""
+    base = {**asdict(TrainingArguments()), **defaults}
+    parser.add_argument("--epochs", type=int, default=base["epochs"])
+    parser.add_argument("--batch-size", type=int, default=base["batch_size"], help="per process")
+    parser.add_argument("--lr", type=float, default=base["lr"])
+    parser.add_argument("--weight-decay", type=float, default=base["weight_decay"])
+    parser.add_argument(
+        "--gradient-accumulation-steps", type=int, default=base["gradient_accumulation_steps"]
+    )
+    parser.add_argument(
+        "--mixed-precision", default=base["mixed_precision"], choices=["no", "bf16", "fp16"]
+    )
+    parser.add_argument(
+        "--max-train-steps",
+        type=int,
+        default=base["max_train_steps"],
+        help="stop (and checkpoint) after this many optimizer steps",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--seed", type=int, default=base["seed"])
+    parser.add_argument("--workers", type=int, default=base["workers"])
+    parser.add_argument("--output-dir", default=base["output_dir"])
+    parser.add_argument("--push-to-hub", default=base["push_to_hub"], metavar="REPO")
 
 
 class SeededDataset(Dataset):

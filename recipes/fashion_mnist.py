@@ -16,7 +16,7 @@ from data import load_fashion_mnist
 
 from popup_adapter import INITS, get_popup_model
 from popup_adapter.models import create_conv_net
-from popup_adapter.training import TrainingArguments, train
+from popup_adapter.training import TrainingArguments, add_training_arguments, train
 
 
 def build_model(name: str, width: float):
@@ -35,23 +35,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=float, default=0.5, help="fraction of weights KEPT per layer")
     parser.add_argument("--init", default="signed_constant", choices=INITS[:-1])
     parser.add_argument("--scale-fan", action="store_true")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument(
         "--train-limit", type=int, default=None, help="use only the first N training images"
     )
     parser.add_argument(
-        "--dense", action="store_true", help="train the same network densely instead (the baseline)"
+        "--dense", action="store_true", help="train the same network densely instead (baseline)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"])
-    parser.add_argument("--max-train-steps", type=int, default=None)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--output-dir", default="out/fashion-mnist-popup")
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO")
+    add_training_arguments(
+        parser,
+        epochs=3,
+        batch_size=128,
+        lr=0.1,
+        weight_decay=5e-4,
+        workers=0,
+        output_dir="out/fashion-mnist-popup",
+    )
     return parser.parse_args(argv)
 
 
@@ -63,21 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
             model, k=args.k, init=args.init, scale_fan=args.scale_fan, seed=args.seed
         )
         model.print_trainable_parameters()
-    training = TrainingArguments(
-        output_dir=args.output_dir,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        workers=args.workers,
-        eval_batch_size=1000,
-        mixed_precision=args.mixed_precision,
-        max_train_steps=args.max_train_steps,
-        resume=args.resume,
-        dataset_name="fashion_mnist",
-        push_to_hub=args.push_to_hub,
-    )
+    training = TrainingArguments.from_args(args, eval_batch_size=1000, dataset_name="fashion_mnist")
     start = time.perf_counter()
     result = train(
         model, load_fashion_mnist("train", args.train_limit), load_fashion_mnist("test"), training

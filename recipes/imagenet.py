@@ -17,7 +17,7 @@ import os
 from torch.utils.data import Dataset
 
 from popup_adapter import INITS, get_popup_model
-from popup_adapter.training import TrainingArguments, train
+from popup_adapter.training import TrainingArguments, add_training_arguments, train
 
 
 class HFImageDataset(Dataset):
@@ -63,22 +63,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=float, default=0.3, help="fraction of weights KEPT per layer")
     parser.add_argument("--init", default="signed_constant", choices=INITS[:-1])
     parser.add_argument("--scale-fan", action="store_true")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=256, help="per process")
-    parser.add_argument("--lr", type=float, default=0.256, help="for a global batch of 256")
     parser.add_argument("--momentum", type=float, default=0.875)
-    parser.add_argument("--weight-decay", type=float, default=3.0517578125e-5)
     parser.add_argument("--warmup-epochs", type=float, default=5)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--img-size", type=int, default=None, help="default: the model's")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="out/imagenet-popup")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--max-train-steps", type=int, default=None)
-    parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"])
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO")
+    add_training_arguments(
+        parser,
+        epochs=100,
+        batch_size=256,
+        lr=0.256,
+        weight_decay=3.0517578125e-5,
+        workers=min(8, os.cpu_count() or 1),
+        output_dir="out/imagenet-popup",
+    )
     return parser.parse_args(argv)
 
 
@@ -100,24 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
         scale_fan=args.scale_fan,
         seed=args.seed,
     )
-    training = TrainingArguments(
-        output_dir=args.output_dir,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
+    training = TrainingArguments.from_args(
+        args,
         lr_reference_batch=256,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        label_smoothing=args.label_smoothing,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        max_train_steps=args.max_train_steps,
-        seed=args.seed,
-        resume=args.resume,
-        workers=args.workers,
         dataset_name=args.dataset or os.path.basename(os.path.normpath(args.data_dir)),
-        push_to_hub=args.push_to_hub,
     )
     return train(model, train_set, eval_set, training)
 

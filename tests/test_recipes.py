@@ -15,6 +15,12 @@ from popup_adapter.training import mask_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
+#: two real DDP processes on CPU need ACCELERATE_USE_CPU=1 as well (see test below)
+ACCELERATE_TWO_PROCESSES = [
+    *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"),
+    *("--num_processes", "2", "--num_machines", "1"),
+    *("--mixed_precision", "no", "--dynamo_backend", "no"),
+]
 needs_fashion_mnist = pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
     reason="Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed",
@@ -71,22 +77,8 @@ def imagenet_args(image_folder, output, *extra):
 
 
 def test_imagenet_recipe_under_two_real_ddp_processes(image_folder, tmp_path):
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
     out = run(
-        launch
+        ACCELERATE_TWO_PROCESSES
         + imagenet_args(image_folder, tmp_path / "run", "--max-train-steps", "4", "--workers", "0"),
         env={"ACCELERATE_USE_CPU": "1"},
     )
@@ -102,23 +94,9 @@ def test_imagenet_recipe_under_two_real_ddp_processes(image_folder, tmp_path):
 
 def test_unsynchronised_launch_is_refused(image_folder, tmp_path):
     """``--multi_gpu`` on CPU without ACCELERATE_USE_CPU=1 starts two separate runs: refused."""
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
     env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
     result = subprocess.run(
-        launch + imagenet_args(image_folder, tmp_path / "bad", "--workers", "0"),
+        ACCELERATE_TWO_PROCESSES + imagenet_args(image_folder, tmp_path / "bad", "--workers", "0"),
         capture_output=True,
         text=True,
         cwd=ROOT,
