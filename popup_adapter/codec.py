@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import constriction
 import numpy as np
 import torch
 
@@ -34,15 +35,11 @@ def entropy_bits(numel: int, kept: int) -> float:
 
 
 def _bernoulli(numel: int, kept: int):
-    import constriction
-
     return constriction.stream.model.Bernoulli(kept / numel, perfect=False)
 
 
 def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
     """``(encoding, uint8 payload)`` of a boolean mask, the smallest of :data:`ENCODINGS`."""
-    import constriction
-
     bits = mask.detach().to("cpu").reshape(-1).numpy().astype(bool)
     numel, kept = bits.size, int(bits.sum())
     if kept == numel:
@@ -66,8 +63,6 @@ def decode_mask(
     ``where`` names the layer and file for the error raised when the payload does not decode
     to exactly ``kept`` ones (a corrupted or mismatched artifact).
     """
-    import constriction
-
     numel = math.prod(shape)
     if encoding == "all":
         bits = np.ones(numel, dtype=bool)

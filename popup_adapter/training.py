@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -223,8 +224,6 @@ def _save_checkpoint(accelerator, args: TrainingArguments, step: int) -> None:
 
 def _check_launch(accelerator) -> None:
     """Refuse the two silent ways a multi-process launch goes wrong on CPU machines."""
-    import os
-
     from accelerate.utils import DistributedType
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
