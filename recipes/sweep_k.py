@@ -105,6 +105,42 @@ def run_one(run: dict, args, train_set, test_set, folder: Path) -> float:
     return train(model, train_set, test_set, training)["metrics"]["top1"]
 
 
+def best_dense(rows: list[dict]) -> tuple[float, list[float]] | None:
+    """The dense baseline: its best learning rate (by mean accuracy) and that lr's accuracies."""
+    dense = [row for row in rows if row["init"] == "dense"]
+    if not dense:
+        return None
+    by_lr: dict[float, list[float]] = {}
+    for row in dense:
+        by_lr.setdefault(float(row["lr"]), []).append(float(row["top1"]))
+    lr = max(by_lr, key=lambda key: statistics.mean(by_lr[key]))
+    return lr, by_lr[lr]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Test accuracy (%) per model and init (rows) and k (columns), mean over seeds, with the
+    dense baseline at its best learning rate."""
+    ks = sorted({float(row["k"]) for row in rows if row["init"] != "dense"})
+    lines = [
+        "| model | init | " + " | ".join(f"k={k:g}" for k in ks) + " |",
+        "|---|---|" + "---|" * len(ks),
+    ]
+    for model in sorted({row["model"] for row in rows}):
+        mine = [row for row in rows if row["model"] == model]
+        for init in sorted({row["init"] for row in mine} - {"dense"}):
+            cells = []
+            for k in ks:
+                accs = [float(r["top1"]) for r in mine if r["init"] == init and float(r["k"]) == k]
+                cells.append(f"{100 * statistics.mean(accs):.1f}" if accs else "")
+            lines.append(f"| {model} | {init} | " + " | ".join(cells) + " |")
+        baseline = best_dense(mine)
+        if baseline:
+            lr, accs = baseline
+            mean = f"{100 * statistics.mean(accs):.1f}"
+            lines.append(f"| {model} | dense (lr {lr:g}) | " + " | ".join([mean] * len(ks)) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], output_dir: Path) -> list[Path]:
     """One figure per model in the style of the paper's; returns the files written."""
     try:
@@ -119,15 +155,12 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
     for model in sorted({row["model"] for row in rows}):
         mine = [row for row in rows if row["model"] == model]
         figure, axes = plt.subplots(figsize=(5, 3.5))
-        dense = [row for row in mine if row["init"] == "dense"]
-        if dense:
-            best_lr = max(
-                {row["lr"] for row in dense},
-                key=lambda lr: statistics.mean(float(r["top1"]) for r in dense if r["lr"] == lr),
-            )
-            accs = [100 * float(r["top1"]) for r in dense if r["lr"] == best_lr]
+        baseline = best_dense(mine)
+        if baseline:
+            lr, accs = baseline
+            accs = [100 * acc for acc in accs]
             axes.axhspan(min(accs) - 0.05, max(accs) + 0.05, color="gray", alpha=0.3)
-            axes.axhline(statistics.mean(accs), color="gray", label=f"dense (lr {best_lr})")
+            axes.axhline(statistics.mean(accs), color="gray", label=f"dense (lr {lr:g})")
         for init in sorted({row["init"] for row in mine} - {"dense"}):
             ks = sorted({float(row["k"]) for row in mine if row["init"] == init})
             means = [
@@ -172,6 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             writer.writerow(row)
         rows.append({key: str(value) for key, value in row.items()})
         print(f"{name}: top1 {top1:.4f}")
+    print(markdown_table(rows))
     for path in plot(rows, output_dir):
         print(f"figure: {path}")
     return rows

@@ -87,11 +87,12 @@ def test_eval_mask_is_cached_until_scores_change():
         assert torch.equal(layer(x), nn.functional.linear(x, second, layer.bias))
 
 
-def test_bf16_autocast_and_bf16_weights():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_and_bf16_weights(dtype):
     layer = _with_scores(nn.Linear(16, 8))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = layer(torch.randn(4, 16))
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     out.float().sum().backward()
     grad = layer.popup_scores["default"].grad
     assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -222,7 +222,8 @@ def test_sweep_writes_table_and_figure_and_resumes(tmp_path):
         "--output-dir",
         str(tmp_path),
     ]
-    run([*sweep, "--ks", "0.3,0.5"])
+    first = run([*sweep, "--ks", "0.3,0.5"])
+    assert "| model | init | k=0.3 | k=0.5 |" in first and "| conv2 | dense (lr 0.1) |" in first
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [(r["init"], r["k"]) for r in rows] == [
         ("dense", "1.0"),
