@@ -117,7 +117,16 @@ class PopupModel(nn.Module):
     its own BatchNorm running statistics and its own ``modules_to_save``.
     """
 
-    def __init__(self, model: nn.Module, config: PopupConfig, adapter_name: str = "default"):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PopupConfig,
+        adapter_name: str = "default",
+        *,
+        draw_scores: bool = True,
+    ):
+        """``draw_scores=False`` leaves the scores at zero instead of drawing them from the seed,
+        for a caller that sets them right away (loading a saved mask)."""
         super().__init__()
         if isinstance(model, PopupModel) or any(
             isinstance(m, (PopupLayer, ModulesToSaveWrapper)) for m in model.modules()
@@ -141,7 +150,7 @@ class PopupModel(nn.Module):
             _replace_module(model, name, create_popup_layer(model.get_submodule(name)))
         for name in config.modules_to_save or []:
             _replace_module(model, name, ModulesToSaveWrapper(model.get_submodule(name)))
-        self._add_scores(adapter_name, config)
+        self._add_scores(adapter_name, config, draw_scores)
         self.set_adapter(adapter_name)
 
     # -- pass-through, as PeftModel does
@@ -324,7 +333,7 @@ class PopupModel(nn.Module):
         artifact = read_artifact(artifact_folder(path_or_repo_id, revision=revision, **hub_kwargs))
         if model is None:
             model = build_base(artifact.base_spec, pretrained=artifact.config.init == "keep")
-        popup = cls(model, artifact.config, adapter_name)
+        popup = cls(model, artifact.config, adapter_name, draw_scores=False)
         artifact.load_into(popup, adapter_name)
         popup.set_trainable(is_trainable)
         return popup
@@ -342,7 +351,7 @@ class PopupModel(nn.Module):
         from .hub import artifact_folder
 
         artifact = read_artifact(artifact_folder(path_or_repo_id, revision=revision, **hub_kwargs))
-        self.add_adapter(adapter_name, artifact.config)
+        self.add_adapter(adapter_name, artifact.config, draw_scores=False)
         try:
             artifact.load_into(self, adapter_name)
         except Exception:
@@ -366,8 +375,11 @@ class PopupModel(nn.Module):
             self.eval()
 
     # -- adapters
-    def add_adapter(self, adapter_name: str, config: PopupConfig) -> None:
-        """Add a further mask over the same backbone (it does not become active by itself)."""
+    def add_adapter(
+        self, adapter_name: str, config: PopupConfig, *, draw_scores: bool = True
+    ) -> None:
+        """Add a further mask over the same backbone (it does not become active by itself);
+        ``draw_scores`` as in the constructor."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} exists already; delete_adapter it first")
         first = next(iter(self.peft_config.values()))
@@ -384,7 +396,7 @@ class PopupModel(nn.Module):
                 f"adapter {adapter_name!r} must mask the same layers and save the "
                 "same modules as the others on this backbone"
             )
-        self._add_scores(adapter_name, config)
+        self._add_scores(adapter_name, config, draw_scores)
         self._stashed_bn_stats[adapter_name] = {
             name: _fresh_stats(bn) for name, bn in self._batchnorms()
         }
@@ -497,10 +509,12 @@ class PopupModel(nn.Module):
         return _unwrapped_tree(view)
 
     # -- internals
-    def _add_scores(self, adapter_name: str, config: PopupConfig) -> None:
+    def _add_scores(self, adapter_name: str, config: PopupConfig, draw_scores: bool) -> None:
         self.peft_config[adapter_name] = config
         for name, layer in self.popup_layers():
-            if config.score_init == "magnitude":
+            if not draw_scores:
+                scores = torch.zeros(layer.weight.shape)
+            elif config.score_init == "magnitude":
                 scores = layer.weight.detach().abs().float().clone()
             else:
                 scores = score_values(
