@@ -57,6 +57,19 @@ def image_folder(tmp_path_factory):
     return root
 
 
+def fashion_mnist_command(output, *extra):
+    """The Fashion-MNIST recipe on a small Conv2, saving to ``output``."""
+    return [
+        sys.executable,
+        str(RECIPES / "fashion_mnist.py"),
+        "--model",
+        "conv2",
+        "--output-dir",
+        str(output),
+        *extra,
+    ]
+
+
 def imagenet_args(image_folder, output, *extra):
     return [
         str(RECIPES / "imagenet.py"),
@@ -122,20 +135,9 @@ def test_resumed_run_ends_with_the_same_masks(image_folder, tmp_path):
 @needs_fashion_mnist
 def test_fashion_mnist_recipe_learns_and_saves(tmp_path):
     out = run(
-        [
-            sys.executable,
-            str(RECIPES / "fashion_mnist.py"),
-            "--model",
-            "conv2",
-            "--width",
-            "0.5",
-            "--epochs",
-            "2",
-            "--train-limit",
-            "4096",
-            "--output-dir",
-            str(tmp_path / "fm"),
-        ]
+        fashion_mnist_command(
+            tmp_path / "fm", "--width", "0.5", "--epochs", "2", "--train-limit", "4096"
+        )
     )
     accuracy = float(out.split("test accuracy ")[1].split()[0])
     assert accuracy > 0.7  # chance is 0.1; a broken straight-through estimator stays near it
@@ -146,11 +148,8 @@ def test_fashion_mnist_recipe_learns_and_saves(tmp_path):
 @needs_fashion_mnist
 def test_bf16_run(tmp_path):
     out = run(
-        [
-            sys.executable,
-            str(RECIPES / "fashion_mnist.py"),
-            "--model",
-            "conv2",
+        fashion_mnist_command(
+            tmp_path / "bf16",
             "--width",
             "0.25",
             "--epochs",
@@ -159,9 +158,7 @@ def test_bf16_run(tmp_path):
             "1024",
             "--mixed-precision",
             "bf16",
-            "--output-dir",
-            str(tmp_path / "bf16"),
-        ]
+        )
     )
     assert "mixed precision bf16" in out
     model = PopupModel.from_pretrained(tmp_path / "bf16")
