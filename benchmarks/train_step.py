@@ -7,7 +7,10 @@ A step is forward + backward + SGD (momentum) step. The three variants of each m
 interleaved, round after round, in one process (medians and min-max spread):
 
 - ``dense``: the plain model, every weight trained (the floor: the same gradients are computed);
-- ``popup``: ``get_popup_model(model, k=0.5)``, only scores train, popup_adapter's selection;
+- ``popup``: ``get_popup_model(model, k=0.5)``, only scores train, popup_adapter's selection
+  (the fused CPU kernels when they are built);
+- ``eager``: the same popup model with the kernels off (``POPUP_ADAPTER_KERNELS=0``): the same
+  selection in plain torch operations, to show what the kernels bring;
 - ``sort``: the same popup model with the reference implementation's selection (a full sort of
   every layer's scores on every forward), carried here as the baseline.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -66,6 +70,19 @@ def reference_selection():
         popup_layers.masked_weight = original
 
 
+@contextmanager
+def kernels_off():
+    previous = os.environ.get("POPUP_ADAPTER_KERNELS")
+    os.environ["POPUP_ADAPTER_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["POPUP_ADAPTER_KERNELS"]
+        else:
+            os.environ["POPUP_ADAPTER_KERNELS"] = previous
+
+
 def make_step(model, make_batch):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
@@ -87,6 +104,7 @@ def variants(name: str):
     return {
         "dense": (make_step(dense.train(), make_batch), nullcontext),
         "popup": (make_step(popup.train(), make_batch), nullcontext),
+        "eager": (make_step(popup.train(), make_batch), kernels_off),
         "sort": (make_step(popup.train(), make_batch), reference_selection),
     }
 
@@ -170,10 +188,10 @@ def main() -> None:
         med = {key: statistics.median(values) for key, values in times.items()}
         spread = {key: f"{min(v) * 1e3:.0f}-{max(v) * 1e3:.0f}" for key, v in times.items()}
         print(
-            f"{name:<9} dense {med['dense'] * 1e3:7.1f} ms ({spread['dense']}), popup "
-            f"{med['popup'] * 1e3:7.1f} ms ({spread['popup']}), sort {med['sort'] * 1e3:7.1f} "
-            f"ms ({spread['sort']}) | popup/dense {med['popup'] / med['dense']:.3f}x, "
-            f"sort/popup {med['sort'] / med['popup']:.2f}x"
+            f"{name:<9} "
+            + ", ".join(f"{key} {med[key] * 1e3:.1f} ms ({spread[key]})" for key in med)
+            + f" | popup/dense {med['popup'] / med['dense']:.3f}x, eager/dense "
+            f"{med['eager'] / med['dense']:.3f}x, sort/popup {med['sort'] / med['popup']:.2f}x"
         )
 
 

@@ -31,6 +31,7 @@ from . import __version__
 from .codec import decode_mask, encode_mask, entropy_bits
 from .config import PopupConfig
 from .errors import ArtifactError, BaseMismatchError
+from .layers import whole_tensor
 from .specs import describe
 
 if TYPE_CHECKING:
@@ -62,19 +63,36 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def save_artifact(
+@dataclass
+class ArtifactFiles:
+    """An artifact's files in memory: the tensor file's bytes and the config they belong to."""
+
+    blob: bytes
+    meta: dict[str, Any]
+
+    def write(self, save_directory: str | os.PathLike) -> Path:
+        """Write the three files (each atomically) into ``save_directory``."""
+        folder = Path(save_directory)
+        atomic_write(folder / WEIGHTS_NAME, self.blob)
+        atomic_write(folder / CONFIG_NAME, (json.dumps(self.meta, indent=2) + "\n").encode())
+        atomic_write(folder / CARD_NAME, _model_card(self.meta, len(self.blob)).encode())
+        return folder
+
+
+def collect_artifact(
     model: PopupModel,
-    save_directory: str | os.PathLike,
     adapter_name: str | None = None,
     dataset: str | None = None,
     metrics: dict[str, float] | None = None,
-) -> Path:
-    """Write ``adapter_name``'s mask (default: the active one) as an artifact folder."""
+) -> ArtifactFiles:
+    """Encode ``adapter_name``'s mask (default: the active one) and what else training changed.
+
+    Separate from writing because under FSDP this gathers sharded tensors, which every process
+    must do together; then one process writes.
+    """
     from safetensors.torch import save
 
     adapter_name = adapter_name or model.active_adapter
-    folder = Path(save_directory)
-    config = model.peft_config[adapter_name]
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     for name, mask in model.get_masks(adapter_name).items():
@@ -82,7 +100,7 @@ def save_artifact(
         tensors[_MASK_PREFIX + name] = torch.from_numpy(payload)
         layers[name] = {"shape": list(mask.shape), "kept": int(mask.sum()), "encoding": encoding}
     for name, value in model.trained_state(adapter_name).items():
-        tensors[_STATE_PREFIX + name] = value.detach().to("cpu").contiguous()
+        tensors[_STATE_PREFIX + name] = whole_tensor(value).to("cpu").contiguous()
     blob = save(
         # one metadata key: safetensors writes several in no fixed order, and identical saves
         # should be identical bytes (the same sha256, so the Hub and its cache deduplicate them)
@@ -94,7 +112,7 @@ def save_artifact(
         "library": "popup_adapter",
         "library_version": __version__,
         "adapter_name": adapter_name,
-        "config": config.to_dict(),
+        "config": model.peft_config[adapter_name].to_dict(),
         "base": model.base_spec,
         "base_fingerprint": model.base_fingerprint,
         "layers": layers,
@@ -102,10 +120,18 @@ def save_artifact(
         "dataset": dataset,
         "metrics": metrics or {},
     }
-    atomic_write(folder / WEIGHTS_NAME, blob)
-    atomic_write(folder / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
-    atomic_write(folder / CARD_NAME, _model_card(meta, len(blob)).encode())
-    return folder
+    return ArtifactFiles(blob, meta)
+
+
+def save_artifact(
+    model: PopupModel,
+    save_directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    dataset: str | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Write ``adapter_name``'s mask (default: the active one) as an artifact folder."""
+    return collect_artifact(model, adapter_name, dataset, metrics).write(save_directory)
 
 
 @dataclass

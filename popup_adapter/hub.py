@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .artifact import ARTIFACT_FILES, CONFIG_NAME
+from .artifact import ARTIFACT_FILES, CONFIG_NAME, ArtifactFiles, collect_artifact
 from .errors import ArtifactError
 
 if TYPE_CHECKING:
@@ -92,16 +92,31 @@ def push_artifact(
     dataset: str | None = None,
     metrics: dict[str, float] | None = None,
 ):
-    """Save the artifact to a temporary folder and upload it as one commit; returns CommitInfo."""
+    """Upload ``model``'s artifact as one commit (creating the repo and branch if needed);
+    returns huggingface_hub's ``CommitInfo``."""
+    files = collect_artifact(model, adapter_name, dataset=dataset, metrics=metrics)
+    return push_artifact_files(files, repo_id, private, revision, commit_message, token)
+
+
+def push_artifact_files(
+    files: ArtifactFiles,
+    repo_id: str,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+):
+    """Upload collected artifact files (:func:`~popup_adapter.artifact.collect_artifact`) as
+    one commit: what a training loop's main process pushes after all processes collected."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    k = model.peft_config[adapter_name or model.active_adapter].k
+    k = files.meta["config"]["k"]
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, adapter_name=adapter_name, dataset=dataset, metrics=metrics)
+        files.write(tmp)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=tmp,

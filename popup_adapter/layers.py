@@ -19,6 +19,12 @@ from torch import nn
 from .selection import SelectionState, masked_weight, num_kept, topk_mask
 
 
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or all of it when it is a shard (an FSDP2 DTensor). Gathering is a
+    collective: under FSDP every process must make the same calls in the same order."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 class PopupLayer(nn.Module):
     """A supported layer wrapped with one learnable score per weight and adapter."""
 
@@ -100,9 +106,7 @@ class PopupLayer(nn.Module):
     def get_mask(self, adapter_name: str | None = None) -> torch.Tensor:
         """The boolean mask of ``adapter_name`` (default: active), shaped like the weight."""
         adapter_name = adapter_name or self.active_adapter
-        scores = self.popup_scores[adapter_name]
-        if hasattr(scores, "full_tensor"):  # sharded (FSDP2 DTensor): the mask is per layer
-            scores = scores.full_tensor()
+        scores = whole_tensor(self.popup_scores[adapter_name])  # the mask is per whole layer
         return topk_mask(scores, self.popup_kept[adapter_name])
 
     def effective_weight(self) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import PopupConfig
 from .errors import AlreadyAdaptedError, ArtifactError, TargetModulesError
-from .layers import PopupLayer, create_popup_layer, popup_layer_class
+from .layers import PopupLayer, create_popup_layer, popup_layer_class, whole_tensor
 from .seeding import fingerprint, init_values, normal_values, score_values
 from .specs import build_base, describe_base
 
@@ -212,8 +212,9 @@ class PopupModel(nn.Module):
 
     @property
     def base_fingerprint(self) -> str:
-        """sha256 of :meth:`base_state`: what a mask must be loaded back onto."""
-        return fingerprint(self.base_state().items())
+        """sha256 of :meth:`base_state`: what a mask must be loaded back onto (sharded tensors
+        are gathered whole: under FSDP every process must ask)."""
+        return fingerprint((name, whole_tensor(t)) for name, t in self.base_state().items())
 
     def _trained_roots(self) -> list[str]:
         config = self.peft_config[self.active_adapter]

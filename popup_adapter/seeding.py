@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ STREAM_VERSION = "popup-adapter/stream/v1"
 
 _LN2 = 0.6931471805599453
 _HALF_PI = math.pi / 2
+
+#: an elementwise float64 map applied to drawn values before they are stored
+Transform = Callable[[np.ndarray], np.ndarray]
 #: Gain of the ReLU family, the paper's choice for every init (sqrt(2)).
 RELU_GAIN = math.sqrt(2.0)
 
@@ -33,21 +36,42 @@ def _stream(seed: int, name: str) -> np.random.Philox:
     return np.random.Philox(key=key)
 
 
-def _raw(seed: int, name: str, count: int) -> np.ndarray:
-    """``count`` raw 64-bit words of the stream for ``(seed, name)``."""
-    return _stream(seed, name).random_raw(count).astype("<u8", copy=False)
+#: values drawn at a time: the float64 intermediates of a transform stay a few MB even for a
+#: large embedding (drawing it whole peaked at several times the model's own size)
+_BLOCK = 1 << 20
+
+
+def _words(stream: np.random.Philox, count: int) -> np.ndarray:
+    """The next ``count`` raw 64-bit words of ``stream`` (consecutive calls continue it)."""
+    return stream.random_raw(count).astype("<u8", copy=False)
+
+
+def _unit(words: np.ndarray) -> np.ndarray:
+    """Words to float64 values uniform in [0, 1), their top 53 bits each."""
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _identity(values: np.ndarray) -> np.ndarray:
+    return values
 
 
 def random_signs(seed: int, name: str, numel: int) -> np.ndarray:
     """``numel`` values in {-1.0, +1.0} (float32), one bit of the stream each."""
-    words = _raw(seed, name, (numel + 63) // 64)
+    words = _words(_stream(seed, name), (numel + 63) // 64)
     bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:numel]
     return bits.astype(np.float32) * 2.0 - 1.0
 
 
-def random_uniform(seed: int, name: str, numel: int) -> np.ndarray:
-    """``numel`` float64 values uniform in [0, 1), 53 bits of the stream each."""
-    return (_raw(seed, name, numel) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+def random_uniform(
+    seed: int, name: str, numel: int, transform: Transform = _identity, dtype=np.float64
+) -> np.ndarray:
+    """``numel`` values uniform in [0, 1), 53 bits of the stream each, mapped by ``transform``
+    (elementwise, in float64) and stored as ``dtype``, block by block."""
+    stream, out = _stream(seed, name), np.empty(numel, dtype)
+    for start in range(0, numel, _BLOCK):
+        count = min(_BLOCK, numel - start)
+        out[start : start + count] = transform(_unit(_words(stream, count)))
+    return out
 
 
 def _log(x: np.ndarray) -> np.ndarray:
@@ -81,15 +105,23 @@ def _sin_cos_turns(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rotated_sin, rotated_cos
 
 
-def random_normal(seed: int, name: str, numel: int) -> np.ndarray:
-    """``numel`` float64 standard normal values (Box-Muller over the stream)."""
+def random_normal(
+    seed: int, name: str, numel: int, transform: Transform = _identity, dtype=np.float64
+) -> np.ndarray:
+    """``numel`` standard normal values (Box-Muller over the stream: the cosines of all pairs,
+    then their sines), mapped by ``transform`` (elementwise, in float64) and stored as
+    ``dtype``, block by block."""
     pairs = (numel + 1) // 2
-    words = _raw(seed, name, 2 * pairs)
-    u1 = ((words[0::2] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]
-    u2 = (words[1::2] >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
-    radius = np.sqrt(-2.0 * _log(u1))
-    sin, cos = _sin_cos_turns(u2)
-    return np.concatenate([radius * cos, radius * sin])[:numel]
+    stream, out = _stream(seed, name), np.empty(2 * pairs, dtype)
+    for start in range(0, pairs, _BLOCK):
+        count = min(_BLOCK, pairs - start)
+        words = _words(stream, 2 * count)
+        u1 = _unit(words[0::2]) + 2.0**-53  # (0, 1]
+        radius = np.sqrt(-2.0 * _log(u1))
+        sin, cos = _sin_cos_turns(_unit(words[1::2]))
+        out[start : start + count] = transform(radius * cos)
+        out[pairs + start : pairs + start + count] = transform(radius * sin)
+    return out[:numel]
 
 
 def init_values(init: str, seed: int, name: str, shape: torch.Size, fan_in: float) -> torch.Tensor:
@@ -100,26 +132,29 @@ def init_values(init: str, seed: int, name: str, shape: torch.Size, fan_in: floa
     if init == "signed_constant":
         values = random_signs(seed, name, numel) * np.float32(std)
     elif init == "kaiming_normal":
-        values = random_normal(seed, name, numel) * std
+        values = random_normal(seed, name, numel, lambda v: v * std, np.float32)
     elif init == "kaiming_uniform":
-        values = (random_uniform(seed, name, numel) * 2.0 - 1.0) * (std * math.sqrt(3.0))
+        bound = std * math.sqrt(3.0)
+        values = random_uniform(seed, name, numel, lambda u: (u * 2.0 - 1.0) * bound, np.float32)
     else:
         raise ValueError(f"init {init!r} draws no values")
-    return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+    return torch.from_numpy(values).reshape(shape)
 
 
 def normal_values(seed: int, name: str, shape: torch.Size, std: float) -> torch.Tensor:
     """A float32 tensor of ``shape`` from N(0, std^2), for embeddings, positions, tokens."""
-    values = random_normal(seed, name, math.prod(shape)) * std
-    return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+    values = random_normal(seed, name, math.prod(shape), lambda v: v * std, np.float32)
+    return torch.from_numpy(values).reshape(shape)
 
 
 def score_values(seed: int, name: str, shape: torch.Size, fan_in: float) -> torch.Tensor:
     """Initial scores: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), the reference code's
     ``kaiming_uniform_(a=sqrt(5))``; drawn from their own ``scores/`` stream."""
     bound = 1.0 / math.sqrt(fan_in)
-    values = (random_uniform(seed, f"scores/{name}", math.prod(shape)) * 2.0 - 1.0) * bound
-    return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+    values = random_uniform(
+        seed, f"scores/{name}", math.prod(shape), lambda u: (u * 2.0 - 1.0) * bound, np.float32
+    )
+    return torch.from_numpy(values).reshape(shape)
 
 
 def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 
 def num_kept(k: float, numel: int) -> int:
     """How many of ``numel`` weights a layer keeps: ``round(k * numel)``, and at least one."""
@@ -28,11 +30,38 @@ def num_kept(k: float, numel: int) -> int:
 
 @dataclass
 class SelectionState:
-    """What a layer remembers between steps to select faster: its last threshold and the band
-    half-width to search around it."""
+    """What a layer remembers between steps to select faster: its last threshold, how far it
+    moved last step (with momentum it keeps moving that way), and the band half-width to search
+    around the predicted threshold."""
 
     threshold: float | None = None
+    drift: float = 0.0
     band: float = 0.0
+
+    def predicted_interval(self) -> tuple[float, float]:
+        """Where this step's threshold is expected: last threshold plus last move, +- band."""
+        center = self.threshold + self.drift
+        return max(0.0, center - self.band), center + self.band
+
+    @staticmethod
+    def next_interval(low: float, high: float, threshold_above: bool) -> tuple[float, float]:
+        """After a miss: the interval next to ``[low, high]`` on the threshold's side, 4x wider."""
+        width = 4 * (high - low) + 1e-12
+        return (high, high + width) if threshold_above else (max(0.0, low - width), low)
+
+    def record(self, threshold: float, first_try: bool) -> None:
+        """Remember this step's threshold. The band narrows after a first-try hit and widens
+        after a miss, and stays at least twice the prediction's error."""
+        if self.threshold is None:
+            error, self.drift = 0.0, 0.0
+        else:
+            error = abs(threshold - (self.threshold + self.drift))
+            self.drift = threshold - self.threshold
+        if first_try:
+            self.band = max(self.band * 0.75, 2 * error, 1e-12)
+        else:
+            self.band = max(self.band * 4, 2 * error, 1e-6 * threshold + 1e-12)
+        self.threshold = threshold
 
 
 def _break_ties(magnitude: torch.Tensor, threshold: torch.Tensor, kept: int) -> torch.Tensor:
@@ -50,28 +79,28 @@ _BAND_TRIES = 4
 
 def _threshold_in_band(
     magnitude: torch.Tensor, kept: int, state: SelectionState
-) -> tuple[torch.Tensor, bool] | None:
-    """The kept-th largest value, searched in a band around the last threshold, and whether
-    exactly ``kept`` values reach it (no ties), known from the band alone.
+) -> tuple[torch.Tensor, bool, bool] | None:
+    """The kept-th largest value, searched around the predicted threshold; whether exactly
+    ``kept`` values reach it (no ties), known from the band alone; and whether the first
+    interval held it.
 
-    Each try costs two counting passes. When the threshold is not inside the band, the counts
-    say on which side it lies, and the band moves and widens that way. None after
-    ``_BAND_TRIES`` misses.
+    Each try costs two counting passes. When the threshold is not inside the interval, the
+    counts say on which side it lies, and the next try looks there. None after ``_BAND_TRIES``
+    misses.
     """
-    low, high = state.threshold - state.band, state.threshold + state.band
-    for _ in range(_BAND_TRIES):
+    low, high = state.predicted_interval()
+    for attempt in range(_BAND_TRIES):
         above_high = int((magnitude > high).sum())
-        if above_high >= kept:  # the threshold is above the band
-            low, high = high, high + 4 * (high - low)
+        if above_high >= kept:
+            low, high = state.next_interval(low, high, threshold_above=True)
             continue
         in_band = magnitude[(magnitude >= low) & (magnitude <= high)]
-        if above_high + in_band.numel() < kept:  # below the band
-            low, high = max(0.0, low - 4 * (high - low)), low
+        if above_high + in_band.numel() < kept:
+            low, high = state.next_interval(low, high, threshold_above=False)
             continue
-        state.band = max(state.band, (high - low) / 2)
         needed = kept - above_high
         threshold = in_band.kthvalue(in_band.numel() - needed + 1).values
-        return threshold, int((in_band >= threshold).sum()) == needed
+        return threshold, int((in_band >= threshold).sum()) == needed, attempt == 0
     return None
 
 
@@ -93,14 +122,10 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
     found = _threshold_in_band(magnitude, kept, state) if state.threshold is not None else None
     if found is None:
         threshold = magnitude.kthvalue(numel - kept + 1).values
-        no_ties = None  # unknown: counted below
-        state.band = max(state.band * 4, 1e-6 * float(threshold) + 1e-12)
+        no_ties, first_try = None, False  # ties unknown: counted below
     else:
-        threshold, no_ties = found
-        state.band = max(state.band * 0.75, 1e-12)
-    moved = abs(float(threshold) - state.threshold) if state.threshold is not None else 0.0
-    state.band = max(state.band, 2 * moved)
-    state.threshold = float(threshold)
+        threshold, no_ties, first_try = found
+    state.record(float(threshold), first_try)
     mask = magnitude >= threshold
     if no_ties is None:
         no_ties = int(mask.sum()) == kept
@@ -144,8 +169,66 @@ class StraightThroughMask(torch.autograd.Function):
         return grad_weight, grad_scores, None, None
 
 
+class FusedStraightThroughMask(torch.autograd.Function):
+    """:class:`StraightThroughMask` computed by the fused CPU kernels (:mod:`.kernels`): the
+    forward is one pass over scores and weights around the last threshold, the backward one
+    pass. Same masks and gradients; used for frozen CPU weights when the kernels are built."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, kept: int, state: SelectionState):
+        """``weight * mask``: tries the band around the last threshold, else the exact
+        threshold from ``kthvalue`` (first step, or the threshold moved out of the band)."""
+        forward_kernel = torch.ops.popup_adapter.masked_weight_forward
+        weight, scores_c = weight.contiguous(), scores.detach().contiguous()
+        status, attempt = None, 0
+        if state.threshold is not None:
+            low, high = state.predicted_interval()
+            for attempt in range(_BAND_TRIES):  # noqa: B007 (attempt is read below)
+                out, threshold, status = forward_kernel(weight, scores_c, kept, low, high)
+                if status == kernels.FOUND:
+                    break
+                low, high = state.next_interval(low, high, status == kernels.ABOVE_BAND)
+        if status != kernels.FOUND:
+            magnitude = scores_c.abs().flatten()
+            threshold = float(magnitude.kthvalue(magnitude.numel() - kept + 1).values)
+            out, threshold, _ = forward_kernel(weight, scores_c, kept, threshold, threshold)
+        state.record(threshold, first_try=status == kernels.FOUND and attempt == 0)
+        ctx.save_for_backward(weight, scores_c)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        """``grad * W * sign(S)`` in one pass."""
+        weight, scores = ctx.saved_tensors
+        grad_scores = torch.ops.popup_adapter.straight_through_backward(
+            grad_output.contiguous(), weight, scores
+        )
+        return None, grad_scores, None, None
+
+
+def _fused_kernels_apply(weight: torch.Tensor, scores: torch.Tensor, state) -> bool:
+    """Whether :class:`FusedStraightThroughMask` can serve this call: plain CPU tensors of one
+    floating dtype (no tensor subclass such as DTensor or a compile-time fake), a frozen weight,
+    a selection state, eager mode, and kernels that are enabled and built."""
+    return (
+        state is not None
+        and type(scores) in (torch.Tensor, torch.nn.Parameter)
+        and type(weight) in (torch.Tensor, torch.nn.Parameter)
+        and scores.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and weight.dtype == scores.dtype
+        and scores.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and not weight.requires_grad
+        and not torch.compiler.is_compiling()
+        and kernels.kernels_enabled()
+        and kernels.load_kernels()
+    )
+
+
 def masked_weight(
     weight: torch.Tensor, scores: torch.Tensor, kept: int, state: SelectionState | None = None
 ) -> torch.Tensor:
     """``weight * topk_mask(scores, kept)`` with the straight-through gradient to ``scores``."""
+    if _fused_kernels_apply(weight, scores, state):
+        return FusedStraightThroughMask.apply(weight, scores, kept, state)
     return StraightThroughMask.apply(weight, scores, kept, state)

@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,77 @@ def _check_launch(accelerator) -> None:
         )
 
 
+def _check_fsdp_plugin(accelerator) -> None:
+    """FSDP1 flattens each unit's parameters into one tensor, which must share requires_grad;
+    frozen base weights beside trained scores need ``use_orig_params`` (FSDP2 always has it)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version == 1 and not plugin.use_orig_params:
+        raise RuntimeError(
+            "FSDP1 without use_orig_params cannot shard frozen base weights beside trained "
+            "scores: set fsdp_version: 2 (recommended) or fsdp_use_orig_params: true in the "
+            "accelerate config"
+        )
+
+
+def check_fsdp_units(model: nn.Module) -> None:
+    """Refuse a sharding that splits a masked layer from its base layer.
+
+    A :class:`~popup_adapter.layers.PopupLayer` computes with its base layer's weight and bias
+    without calling the base layer (it substitutes ``W * M``), so FSDP's hooks on a base layer
+    wrapped as its own unit never gather it. Whole masked layers, or blocks of them, must be
+    the units.
+    """
+    from .layers import PopupLayer
+
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, PopupLayer) and isinstance(
+            module.base_layer, (FSDPModule, FullyShardedDataParallel)
+        ):
+            raise RuntimeError(
+                f"FSDP wrapped {name}.base_layer as a unit of its own, apart from its scores: "
+                "wrap whole masked layers or the model's blocks instead, e.g. "
+                "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP with the model's block class "
+                "(BertLayer, Bottleneck, ...) or PopupLinear/PopupConv in "
+                "fsdp_transformer_layer_cls_to_wrap, not SIZE_BASED_WRAP"
+            )
+
+
+@contextmanager
+def full_parameters(model: nn.Module) -> Iterator[None]:
+    """Every parameter whole on every process for the duration, under FSDP (1 or 2); nothing
+    to do otherwise.
+
+    A sharded layer's mask is chosen over its whole score tensor, and saving reads every mask:
+    all processes must take part in gathering the shards, so they all enter this context and
+    then the main process alone saves.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # torch without distributed support
+        yield
+        return
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            yield
+        return
+    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for module in sharded:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
+
+
 def mask_digest(model) -> str:
     """sha256 of a PopupModel's active masks: equal on every process of a healthy DDP run."""
     digest = hashlib.sha256()
@@ -316,8 +388,11 @@ def train(
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
+    from huggingface_hub import save_torch_state_dict
     from tqdm.auto import tqdm
 
+    from .artifact import collect_artifact
+    from .hub import push_artifact_files
     from .model import PopupModel
 
     log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
@@ -331,6 +406,7 @@ def train(
     )
     set_seed(args.seed)
     _check_launch(accelerator)
+    _check_fsdp_plugin(accelerator)
     log_main = (log or tqdm.write) if accelerator.is_main_process else (lambda _: None)
     log_main(
         f"world size {accelerator.num_processes} ({accelerator.distributed_type}), device "
@@ -372,6 +448,7 @@ def train(
     model, optimizer, train_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, scheduler
     )
+    check_fsdp_units(model)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     progress = TrainingProgress()
@@ -448,20 +525,22 @@ def train(
         metrics = evaluate(accelerator, model, eval_loader, forward)
 
     unwrapped = accelerator.unwrap_model(model)
-    if isinstance(unwrapped, PopupModel):
-        _check_masks_agree(accelerator, unwrapped, log_main)
     final = {key: value for key, value in metrics.items() if key != "epoch"}
-    if accelerator.is_main_process:
+    # every process gathers (sharded tensors under FSDP), then the main one writes and pushes
+    with full_parameters(model):
         if isinstance(unwrapped, PopupModel):
-            unwrapped.save_pretrained(args.output_dir, dataset=args.dataset_name, metrics=final)
-            if args.push_to_hub:
-                unwrapped.push_to_hub(args.push_to_hub, dataset=args.dataset_name, metrics=final)
+            _check_masks_agree(accelerator, unwrapped, log_main)
+            files = collect_artifact(unwrapped, dataset=args.dataset_name, metrics=final)
+            if accelerator.is_main_process:
+                files.write(args.output_dir)
+                if args.push_to_hub:
+                    push_artifact_files(files, args.push_to_hub)
         else:
-            from safetensors.torch import save_model
-
-            save_model(unwrapped, str(Path(args.output_dir) / "model.safetensors"))
+            state = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                save_torch_state_dict(state, args.output_dir)
         log_main(f"saved to {args.output_dir}")
-    accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group
     return {
         "metrics": final,

@@ -7,8 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from popup_adapter import get_popup_model
+from popup_adapter import PopupModel, get_popup_model
+from popup_adapter.artifact import collect_artifact
 from popup_adapter.models import create_conv_net
+from popup_adapter.training import check_fsdp_units, full_parameters
 
 
 def _train_one_step(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
@@ -66,18 +68,24 @@ def _fsdp2_step(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     model(x).square().mean().backward()
     optimizer.step()
-    torch.save(
-        {"masks": model.get_masks(), "sharded": sharded}, os.path.join(out_dir, f"{rank}.pt")
-    )
+    masks = model.get_masks()  # DTensor scores: each rank gathers the whole layer
+    with full_parameters(model):  # how the training loop saves: all gather, rank 0 writes
+        files = collect_artifact(model)
+        if rank == 0:
+            files.write(os.path.join(out_dir, "artifact"))
+        dist.barrier()
+    torch.save({"masks": masks, "sharded": sharded}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_fsdp2_sharded_scores_give_the_unsharded_masks():
     """torch's FSDP2 on CPU: each rank holds half of every score tensor, yet forward, backward
-    and the optimizer step give exactly the masks of the same step unsharded."""
+    and the optimizer step give exactly the masks of the same step unsharded, and the artifact
+    collected by both ranks and written by rank 0 (as the training loop saves) holds them."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_fsdp2_step, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2)
         ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+        saved = PopupModel.from_pretrained(os.path.join(tmp, "artifact"))
     assert ranks[0]["sharded"] == "DTensor"
     reference = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
     optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
@@ -87,3 +95,80 @@ def test_fsdp2_sharded_scores_give_the_unsharded_masks():
     for name, mask in reference.get_masks().items():
         for rank in ranks:
             assert torch.equal(rank["masks"][name], mask), name
+    assert saved.get_masks().keys() == reference.get_masks().keys()
+    for name, mask in reference.get_masks().items():
+        assert torch.equal(saved.get_masks()[name], mask), name
+
+
+def _accelerate_fsdp2_step(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        ACCELERATE_USE_CPU="1",
+    )
+    torch.set_num_threads(1)
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    accelerator = Accelerator()
+    assert accelerator.num_processes == world_size
+    result = {}
+    for policy in ("transformer_based_wrap", "size_based_wrap"):
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy=policy,
+            transformer_cls_names_to_wrap=["PopupConv", "PopupLinear"],
+            min_num_params=100,
+        )
+        model = fsdp2_prepare_model(
+            accelerator, get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
+        )
+        try:
+            check_fsdp_units(model)
+        except RuntimeError as error:
+            result[policy] = str(error)
+            continue
+        result[policy] = type(model.base_model.features[0].popup_scores["default"]).__name__
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        model(x).square().mean().backward()
+        optimizer.step()
+        with full_parameters(model):
+            files = collect_artifact(model)
+            if rank == 0:
+                files.write(os.path.join(out_dir, "artifact"))
+            accelerator.wait_for_everyone()
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    accelerator.end_training()
+
+
+def test_accelerate_fsdp2_preparation_on_cpu():
+    """Accelerate's own FSDP2 preparation (``fsdp2_prepare_model``, what its FSDP plugin runs)
+    on two CPU processes. Accelerate applies the plugin by itself only on accelerators, so the
+    test sets it on the state directly. Whole masked layers as units: the step gives the
+    unsharded masks and the artifact saves them; a size-based policy that shards base layers
+    on their own is refused by the loop's check, naming the fix."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_accelerate_fsdp2_step, args=(2, port, tmp), nprocs=2)
+        results = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+        saved = PopupModel.from_pretrained(os.path.join(tmp, "artifact"))
+    for result in results:
+        assert result["transformer_based_wrap"] == "DTensor"
+        assert "base_layer as a unit of its own" in result["size_based_wrap"]
+        assert "TRANSFORMER_BASED_WRAP" in result["size_based_wrap"]
+    reference = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
+    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    reference(x).square().mean().backward()
+    optimizer.step()
+    for name, mask in reference.get_masks().items():
+        assert torch.equal(saved.get_masks()[name], mask), name

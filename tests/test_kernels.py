@@ -1,0 +1,86 @@
+"""The fused CPU kernels against the eager implementation and a full sort."""
+
+import shutil
+
+import pytest
+import torch
+
+from popup_adapter import kernels
+from popup_adapter.selection import (
+    SelectionState,
+    StraightThroughMask,
+    _fused_kernels_apply,
+    masked_weight,
+    num_kept,
+)
+
+has_compiler = shutil.which("c++") is not None and shutil.which("ninja") is not None
+needs_kernels = pytest.mark.skipif(
+    not (has_compiler and kernels.kernels_enabled()), reason="no C++ compiler or kernels off"
+)
+
+
+def _full_sort_mask(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    order = scores.double().abs().flatten().sort(descending=True, stable=True).indices
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[order[:kept]] = True
+    return mask.view_as(scores)
+
+
+@needs_kernels
+def test_kernels_build_where_a_compiler_is():
+    assert kernels.load_kernels()
+    assert _fused_kernels_apply(torch.ones(3), torch.ones(3), SelectionState())
+
+
+@needs_kernels
+def test_forward_kernel_reports_which_side_a_missed_threshold_is_on():
+    scores = torch.arange(1, 101, dtype=torch.float32)  # the 30th largest |s| is 71
+    weight = torch.ones(100)
+    forward = torch.ops.popup_adapter.masked_weight_forward
+    out, threshold, status = forward(weight, scores, 30, 60.5, 80.5)
+    assert (status, threshold) == (kernels.FOUND, 71.0)
+    assert torch.equal(out, (scores >= 71).float())
+    assert forward(weight, scores, 30, 75.5, 80.5)[2] == kernels.BELOW_BAND
+    assert forward(weight, scores, 30, 10.5, 20.5)[2] == kernels.ABOVE_BAND
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fused_path_equals_full_sort_and_eager_gradient_at_every_step(dtype):
+    """A training-like sequence of score updates (small drifts, a jump far out of the band, a
+    rescale, exact ties) over a layer larger than one kernel chunk: the fused forward keeps
+    exactly the full sort's top-k, and its gradient is the eager straight-through one."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, 3, 3, generator=generator).to(dtype)  # 55,296 > one chunk
+    scores = torch.randn(weight.shape, generator=generator).to(dtype)
+    kept = num_kept(0.3, weight.numel())
+    state = SelectionState()
+    updates = [0.001] * 8 + [1.0] + [0.01] * 5 + ["rescale", "ties"] + [0.0001] * 5
+    for update in updates:
+        if update == "rescale":
+            scores = scores * 100
+        elif update == "ties":
+            scores = scores.round()
+        else:
+            scores = scores + (update * torch.randn(scores.shape, generator=generator)).to(dtype)
+        leaf = scores.clone().requires_grad_(True)
+        assert _fused_kernels_apply(weight, leaf, state)
+        out = masked_weight(weight, leaf, kept, state)
+        assert torch.equal(out != 0, _full_sort_mask(scores, kept)), update
+        assert torch.equal(out, weight * _full_sort_mask(scores, kept))
+        grad = torch.randn(weight.shape, generator=generator).to(dtype)
+        (fused_grad,) = torch.autograd.grad(out, leaf, grad)
+        eager_leaf = scores.clone().requires_grad_(True)
+        eager = StraightThroughMask.apply(weight, eager_leaf, kept, None)
+        (eager_grad,) = torch.autograd.grad(eager, eager_leaf, grad)
+        assert fused_grad.dtype == dtype
+        assert torch.equal(fused_grad, eager_grad)
+
+
+def test_eager_path_when_kernels_are_off_or_weights_train(monkeypatch):
+    weight, scores = torch.ones(4), torch.ones(4, requires_grad=True)
+    assert not _fused_kernels_apply(weight, scores, None)  # no state: the stateless path
+    assert not _fused_kernels_apply(weight.requires_grad_(True), scores, SelectionState())
+    monkeypatch.setenv("POPUP_ADAPTER_KERNELS", "0")
+    assert not _fused_kernels_apply(torch.ones(4), scores, SelectionState())
