@@ -121,8 +121,13 @@ def build_model(args, num_labels: int):
     if args.mode == "finetune":
         return model
     if args.mode == "head":
+        # the classification head is the pooler (a dense layer over the first token, which a
+        # mean-pooling sentence encoder never trained) and the classifier above it
         model.requires_grad_(False)
         model.classifier.requires_grad_(True)
+        pooler = getattr(model.base_model, "pooler", None)
+        if pooler is not None:
+            pooler.requires_grad_(True)
         return model
     init = "signed_constant" if args.random else "keep"
     return get_popup_model(
