@@ -115,6 +115,9 @@ class PopupLayer(nn.Module):
         When no gradient is being recorded (eval, inference) the masked weight is cached until
         the scores or the weight change, so masked inference costs what merged inference costs.
         """
+        return self._effective_weight(single_use=False)
+
+    def _effective_weight(self, single_use: bool) -> torch.Tensor:
         adapter = self.active_adapter
         if self.disable_adapters or adapter is None:
             return self.weight
@@ -122,7 +125,9 @@ class PopupLayer(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             if not torch.compiler.is_compiling():
                 self._eval_cache = None  # training: do not hold a stale copy of the weight
-            return masked_weight(self.weight, scores, kept, self.popup_selection[adapter])
+            return masked_weight(
+                self.weight, scores, kept, self.popup_selection[adapter], single_use
+            )
         key = (adapter, scores._version, id(scores), self.weight._version, id(self.weight))
         if self._eval_cache is None or self._eval_cache[0] != key:
             self._eval_cache = (key, self.weight * topk_mask(scores, kept))
@@ -130,7 +135,8 @@ class PopupLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's computation with the active adapter's ``W * M``."""
-        return self.forward_with_weight(x, self.effective_weight())
+        # W * M feeds exactly one operation here: its gradient buffer may be reused in place
+        return self.forward_with_weight(x, self._effective_weight(single_use=True))
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """What ``base_layer`` computes, with ``weight`` in place of its own."""

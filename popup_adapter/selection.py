@@ -1,14 +1,18 @@
 """Which weights are kept: exact per-layer top-k by |score|, and the straight-through gradient.
 
 This is the hot path of training. Exactness is the contract (every layer keeps exactly
-``kept`` weights, the largest |score|, ties to the lowest index); speed comes from two things:
+``kept`` weights, the largest |score|, ties to the lowest index); speed comes from:
 
 - no sort: ``kthvalue`` finds the threshold in linear time;
 - **threshold reuse**: scores move little between optimizer steps, so each layer remembers its
-  last threshold (:class:`SelectionState`) and first counts the scores above a narrow band
-  around it. When the new threshold lies in the band (the usual case), only the few scores inside
-  it go through ``kthvalue``; otherwise the band widens and the full ``kthvalue`` runs. Either
-  way the result is the exact top-k.
+  last threshold and last move (:class:`SelectionState`) and looks in a narrow band around the
+  predicted threshold. When the threshold lies in the band (the usual case), only the few scores
+  inside it are selected among; otherwise the counts say on which side it lies and the band
+  moves there, and after a few misses the full ``kthvalue`` runs. Either way the result is the
+  exact top-k;
+- **fused CPU kernels** (:mod:`.kernels`): on CPU the band search and ``W * M`` are one pass
+  over scores and weights, and the backward one pass; elsewhere the same search runs in torch
+  operations.
 
 Under ``torch.compile`` a branch-free version runs instead (no host synchronisation, no graph
 break): full ``kthvalue``, ties broken with a cumulative sum.
@@ -16,7 +20,9 @@ break): full ``kthvalue``, ties broken with a cumulative sum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -77,31 +83,36 @@ def _break_ties(magnitude: torch.Tensor, threshold: torch.Tensor, kept: int) -> 
 _BAND_TRIES = 4
 
 
-def _threshold_in_band(
-    magnitude: torch.Tensor, kept: int, state: SelectionState
-) -> tuple[torch.Tensor, bool, bool] | None:
-    """The kept-th largest value, searched around the predicted threshold; whether exactly
-    ``kept`` values reach it (no ties), known from the band alone; and whether the first
-    interval held it.
-
-    Each try costs two counting passes. When the threshold is not inside the interval, the
-    counts say on which side it lies, and the next try looks there. None after ``_BAND_TRIES``
-    misses.
-    """
+def _search_bands(state: SelectionState, try_band: Callable) -> tuple[Any, bool] | None:
+    """``try_band(low, high)`` on the predicted interval, then on intervals moved toward the
+    threshold: ``(its result, whether the first interval held the threshold)``, or None after
+    ``_BAND_TRIES`` misses. ``try_band`` returns ``(result, None)`` when the threshold is in
+    the interval, else ``(None, whether it lies above)``."""
     low, high = state.predicted_interval()
     for attempt in range(_BAND_TRIES):
+        found, threshold_above = try_band(low, high)
+        if found is not None:
+            return found, attempt == 0
+        low, high = state.next_interval(low, high, threshold_above)
+    return None
+
+
+def _eager_band(magnitude: torch.Tensor, kept: int) -> Callable:
+    """A ``try_band`` in torch operations (two counting passes): its result is the kept-th
+    largest value and whether exactly ``kept`` values reach it (no ties), known from the band."""
+
+    def try_band(low: float, high: float):
         above_high = int((magnitude > high).sum())
         if above_high >= kept:
-            low, high = state.next_interval(low, high, threshold_above=True)
-            continue
+            return None, True
         in_band = magnitude[(magnitude >= low) & (magnitude <= high)]
         if above_high + in_band.numel() < kept:
-            low, high = state.next_interval(low, high, threshold_above=False)
-            continue
+            return None, False
         needed = kept - above_high
         threshold = in_band.kthvalue(in_band.numel() - needed + 1).values
-        return threshold, int((in_band >= threshold).sum()) == needed, attempt == 0
-    return None
+        return (threshold, int((in_band >= threshold).sum()) == needed), None
+
+    return try_band
 
 
 def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = None) -> torch.Tensor:
@@ -119,12 +130,14 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
         threshold = magnitude.kthvalue(numel - kept + 1).values
         return _break_ties(magnitude, threshold, kept).view_as(scores)
 
-    found = _threshold_in_band(magnitude, kept, state) if state.threshold is not None else None
+    found = None
+    if state.threshold is not None:
+        found = _search_bands(state, _eager_band(magnitude, kept))
     if found is None:
         threshold = magnitude.kthvalue(numel - kept + 1).values
         no_ties, first_try = None, False  # ties unknown: counted below
     else:
-        threshold, no_ties, first_try = found
+        (threshold, no_ties), first_try = found
     state.record(float(threshold), first_try)
     mask = magnitude >= threshold
     if no_ties is None:
@@ -175,35 +188,49 @@ class FusedStraightThroughMask(torch.autograd.Function):
     pass. Same masks and gradients; used for frozen CPU weights when the kernels are built."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, kept: int, state: SelectionState):
+    def forward(
+        ctx,
+        weight: torch.Tensor,
+        scores: torch.Tensor,
+        kept: int,
+        state: SelectionState,
+        single_use: bool = False,
+    ):
         """``weight * mask``: tries the band around the last threshold, else the exact
         threshold from ``kthvalue`` (first step, or the threshold moved out of the band)."""
         forward_kernel = torch.ops.popup_adapter.masked_weight_forward
         weight, scores_c = weight.contiguous(), scores.detach().contiguous()
-        status, attempt = None, 0
-        if state.threshold is not None:
-            low, high = state.predicted_interval()
-            for attempt in range(_BAND_TRIES):  # noqa: B007 (attempt is read below)
-                out, threshold, status = forward_kernel(weight, scores_c, kept, low, high)
-                if status == kernels.FOUND:
-                    break
-                low, high = state.next_interval(low, high, status == kernels.ABOVE_BAND)
-        if status != kernels.FOUND:
+
+        def try_band(low: float, high: float):
+            out, threshold, status = forward_kernel(weight, scores_c, kept, low, high)
+            if status == kernels.FOUND:
+                return (out, threshold), None
+            return None, status == kernels.ABOVE_BAND
+
+        found = _search_bands(state, try_band) if state.threshold is not None else None
+        if found is None:
             magnitude = scores_c.abs().flatten()
             threshold = float(magnitude.kthvalue(magnitude.numel() - kept + 1).values)
             out, threshold, _ = forward_kernel(weight, scores_c, kept, threshold, threshold)
-        state.record(threshold, first_try=status == kernels.FOUND and attempt == 0)
+            first_try = False
+        else:
+            (out, threshold), first_try = found
+        state.record(threshold, first_try)
         ctx.save_for_backward(weight, scores_c)
+        ctx.single_use = single_use
         return out
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        """``grad * W * sign(S)`` in one pass."""
+        """``grad * W * sign(S)`` in one pass; in place in the incoming gradient when nothing
+        else can see that buffer (``single_use``, or a contiguous copy made here)."""
         weight, scores = ctx.saved_tensors
-        grad_scores = torch.ops.popup_adapter.straight_through_backward(
-            grad_output.contiguous(), weight, scores
-        )
-        return None, grad_scores, None, None
+        grad = grad_output.contiguous()
+        if (ctx.single_use or grad is not grad_output) and not grad.requires_grad:
+            grad_scores = torch.ops.popup_adapter.straight_through_backward_(grad, weight, scores)
+        else:
+            grad_scores = torch.ops.popup_adapter.straight_through_backward(grad, weight, scores)
+        return None, grad_scores, None, None, None
 
 
 def _fused_kernels_apply(weight: torch.Tensor, scores: torch.Tensor, state) -> bool:
@@ -226,9 +253,19 @@ def _fused_kernels_apply(weight: torch.Tensor, scores: torch.Tensor, state) -> b
 
 
 def masked_weight(
-    weight: torch.Tensor, scores: torch.Tensor, kept: int, state: SelectionState | None = None
+    weight: torch.Tensor,
+    scores: torch.Tensor,
+    kept: int,
+    state: SelectionState | None = None,
+    single_use: bool = False,
 ) -> torch.Tensor:
-    """``weight * topk_mask(scores, kept)`` with the straight-through gradient to ``scores``."""
+    """``weight * topk_mask(scores, kept)`` with the straight-through gradient to ``scores``.
+
+    ``single_use=True`` promises that the result feeds exactly one operation whose gradient
+    with respect to it is a buffer of its own (a convolution's or a matmul's weight gradient),
+    so the backward may overwrite that buffer instead of allocating another: what a masked
+    layer's forward does. Leave it False when the result is used any other way.
+    """
     if _fused_kernels_apply(weight, scores, state):
-        return FusedStraightThroughMask.apply(weight, scores, kept, state)
+        return FusedStraightThroughMask.apply(weight, scores, kept, state, single_use)
     return StraightThroughMask.apply(weight, scores, kept, state)

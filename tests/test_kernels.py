@@ -84,3 +84,35 @@ def test_eager_path_when_kernels_are_off_or_weights_train(monkeypatch):
     assert not _fused_kernels_apply(weight.requires_grad_(True), scores, SelectionState())
     monkeypatch.setenv("POPUP_ADAPTER_KERNELS", "0")
     assert not _fused_kernels_apply(torch.ones(4), scores, SelectionState())
+
+
+@needs_kernels
+def test_layer_backward_in_place_gives_the_eager_gradients(monkeypatch):
+    """A masked layer's forward lets the backward overwrite its weight-gradient buffer: the
+    score gradients equal those with the kernels off."""
+    from popup_adapter import get_popup_model
+    from popup_adapter.models import create_conv_net
+
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("POPUP_ADAPTER_KERNELS", enabled)
+        model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
+        model(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() != set()
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+
+
+@needs_kernels
+def test_shared_gradient_is_not_overwritten():
+    """``masked_weight`` used in a sum: autograd hands the same gradient tensor to both
+    inputs, so the backward must not write into it."""
+    weight = torch.randn(64, 64)
+    scores = torch.randn(64, 64, requires_grad=True)
+    other = torch.zeros(64, 64, requires_grad=True)
+    upstream = torch.randn(64, 64)
+    (masked_weight(weight, scores, 1000, SelectionState()) + other).backward(upstream)
+    assert torch.equal(other.grad, upstream)
+    assert torch.equal(scores.grad, upstream * weight * scores.detach().sign())

@@ -130,23 +130,26 @@ std::tuple<at::Tensor, double, int64_t> masked_weight_forward(const at::Tensor& 
   return {out, threshold, status};
 }
 
-at::Tensor straight_through_backward(const at::Tensor& grad, const at::Tensor& weight,
-                                     const at::Tensor& scores) {
-  TORCH_CHECK(grad.is_contiguous() && weight.is_contiguous() && scores.is_contiguous(),
+// out = grad * W * sign(S); `out` may be `grad` itself (each element is read, then written)
+void straight_through_backward_into(const at::Tensor& grad, const at::Tensor& weight,
+                                    const at::Tensor& scores, const at::Tensor& out) {
+  TORCH_CHECK(grad.is_contiguous() && weight.is_contiguous() && scores.is_contiguous() &&
+                  out.is_contiguous(),
               "contiguous tensors expected");
   TORCH_CHECK(grad.scalar_type() == weight.scalar_type() &&
-                  weight.scalar_type() == scores.scalar_type(),
+                  weight.scalar_type() == scores.scalar_type() &&
+                  scores.scalar_type() == out.scalar_type(),
               "grad, weight and scores dtypes differ");
-  TORCH_CHECK(grad.numel() == weight.numel() && weight.numel() == scores.numel(),
+  TORCH_CHECK(grad.numel() == weight.numel() && weight.numel() == scores.numel() &&
+                  scores.numel() == out.numel(),
               "grad, weight and scores sizes differ");
-  at::Tensor out = at::empty_like(scores);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, scores.scalar_type(), "straight_through_backward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const scalar_t* __restrict__ g = grad.const_data_ptr<scalar_t>();
+        const scalar_t* g = grad.const_data_ptr<scalar_t>();
         const scalar_t* __restrict__ w = weight.const_data_ptr<scalar_t>();
         const scalar_t* __restrict__ s = scores.const_data_ptr<scalar_t>();
-        scalar_t* __restrict__ o = out.mutable_data_ptr<scalar_t>();
+        scalar_t* o = out.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, scores.numel(), kChunk, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
             // W * sign(S) as selects over unconditional values, so the loop vectorizes
@@ -156,7 +159,20 @@ at::Tensor straight_through_backward(const at::Tensor& grad, const at::Tensor& w
           }
         });
       });
+}
+
+at::Tensor straight_through_backward(const at::Tensor& grad, const at::Tensor& weight,
+                                     const at::Tensor& scores) {
+  at::Tensor out = at::empty_like(scores);
+  straight_through_backward_into(grad, weight, scores, out);
   return out;
+}
+
+// In place in `grad`: no new buffer (a fresh one per layer and step costs page faults).
+at::Tensor& straight_through_backward_(at::Tensor& grad, const at::Tensor& weight,
+                                       const at::Tensor& scores) {
+  straight_through_backward_into(grad, weight, scores, grad);
+  return grad;
 }
 
 }  // namespace
@@ -165,9 +181,11 @@ TORCH_LIBRARY(popup_adapter, m) {
   m.def("masked_weight_forward(Tensor weight, Tensor scores, int kept, float low, float high)"
         " -> (Tensor, float, int)");
   m.def("straight_through_backward(Tensor grad, Tensor weight, Tensor scores) -> Tensor");
+  m.def("straight_through_backward_(Tensor(a!) grad, Tensor weight, Tensor scores) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(popup_adapter, CPU, m) {
   m.impl("masked_weight_forward", &masked_weight_forward);
   m.impl("straight_through_backward", &straight_through_backward);
+  m.impl("straight_through_backward_", &straight_through_backward_);
 }
