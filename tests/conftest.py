@@ -93,3 +93,27 @@ def small_convnet():
     from popup_adapter.models import create_conv_net
 
     return create_conv_net("conv2", width=0.25)
+
+
+def full_sort_mask(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """The reference top-k: a stable full sort of |scores| (in float64, exact for every
+    dtype), ties to the lowest index."""
+    order = scores.double().abs().flatten().sort(descending=True, stable=True).indices
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[order[:kept]] = True
+    return mask.view_as(scores)
+
+
+def score_updates(scores: torch.Tensor, generator: torch.Generator):
+    """A training-like sequence of score tensors, as ``(update, scores)``: small drifts, a jump
+    far out of any band, drifts, a rescale, exact ties, tiny drifts."""
+    updates = [0.001] * 8 + [1.0] + [0.01] * 5 + ["rescale", "ties"] + [0.0001] * 5
+    for update in updates:
+        if update == "rescale":
+            scores = scores * 100
+        elif update == "ties":
+            scores = scores.round()
+        else:
+            noise = torch.randn(scores.shape, generator=generator)
+            scores = scores + (update * noise).to(scores.dtype)
+        yield update, scores

@@ -78,6 +78,16 @@ def _fsdp2_step(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
     dist.destroy_process_group()
 
 
+def _unsharded_step():
+    """The model the sharded runs train, after the same step in one process."""
+    reference = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
+    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    reference(x).square().mean().backward()
+    optimizer.step()
+    return reference
+
+
 def test_fsdp2_sharded_scores_give_the_unsharded_masks():
     """torch's FSDP2 on CPU: each rank holds half of every score tensor, yet forward, backward
     and the optimizer step give exactly the masks of the same step unsharded, and the artifact
@@ -87,11 +97,7 @@ def test_fsdp2_sharded_scores_give_the_unsharded_masks():
         ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
         saved = PopupModel.from_pretrained(os.path.join(tmp, "artifact"))
     assert ranks[0]["sharded"] == "DTensor"
-    reference = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
-    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
-    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    reference(x).square().mean().backward()
-    optimizer.step()
+    reference = _unsharded_step()
     for name, mask in reference.get_masks().items():
         for rank in ranks:
             assert torch.equal(rank["masks"][name], mask), name
@@ -165,10 +171,6 @@ def test_accelerate_fsdp2_preparation_on_cpu():
         assert result["transformer_based_wrap"] == "DTensor"
         assert "base_layer as a unit of its own" in result["size_based_wrap"]
         assert "TRANSFORMER_BASED_WRAP" in result["size_based_wrap"]
-    reference = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
-    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
-    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    reference(x).square().mean().backward()
-    optimizer.step()
+    reference = _unsharded_step()
     for name, mask in reference.get_masks().items():
         assert torch.equal(saved.get_masks()[name], mask), name

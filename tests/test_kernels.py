@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import full_sort_mask, score_updates
 
 from popup_adapter import kernels
 from popup_adapter.selection import (
@@ -18,13 +19,6 @@ has_compiler = shutil.which("c++") is not None and shutil.which("ninja") is not 
 needs_kernels = pytest.mark.skipif(
     not (has_compiler and kernels.kernels_enabled()), reason="no C++ compiler or kernels off"
 )
-
-
-def _full_sort_mask(scores: torch.Tensor, kept: int) -> torch.Tensor:
-    order = scores.double().abs().flatten().sort(descending=True, stable=True).indices
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    mask[order[:kept]] = True
-    return mask.view_as(scores)
 
 
 @needs_kernels
@@ -52,23 +46,16 @@ def test_fused_path_equals_full_sort_and_eager_gradient_at_every_step(dtype):
     rescale, exact ties) over a layer larger than one kernel chunk: the fused forward keeps
     exactly the full sort's top-k, and its gradient is the eager straight-through one."""
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(96, 64, 3, 3, generator=generator).to(dtype)  # 55,296 > one chunk
-    scores = torch.randn(weight.shape, generator=generator).to(dtype)
+    weight = torch.randn(128, 64, 3, 3, generator=generator).to(dtype)  # 73,728: two chunks
+    start = torch.randn(weight.shape, generator=generator).to(dtype)
     kept = num_kept(0.3, weight.numel())
     state = SelectionState()
-    updates = [0.001] * 8 + [1.0] + [0.01] * 5 + ["rescale", "ties"] + [0.0001] * 5
-    for update in updates:
-        if update == "rescale":
-            scores = scores * 100
-        elif update == "ties":
-            scores = scores.round()
-        else:
-            scores = scores + (update * torch.randn(scores.shape, generator=generator)).to(dtype)
+    for update, scores in score_updates(start, generator):
         leaf = scores.clone().requires_grad_(True)
         assert _fused_kernels_apply(weight, leaf, state)
         out = masked_weight(weight, leaf, kept, state)
-        assert torch.equal(out != 0, _full_sort_mask(scores, kept)), update
-        assert torch.equal(out, weight * _full_sort_mask(scores, kept))
+        assert torch.equal(out != 0, full_sort_mask(scores, kept)), update
+        assert torch.equal(out, weight * full_sort_mask(scores, kept))
         grad = torch.randn(weight.shape, generator=generator).to(dtype)
         (fused_grad,) = torch.autograd.grad(out, leaf, grad)
         eager_leaf = scores.clone().requires_grad_(True)

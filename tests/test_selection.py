@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import full_sort_mask, score_updates
 
 from popup_adapter.selection import masked_weight, num_kept, topk_mask
 
@@ -59,32 +60,19 @@ def test_weight_gradient_is_masked_when_weights_train():
     assert torch.equal(weight.grad, topk_mask(scores, 5).float())
 
 
-def _full_sort_mask(scores, kept):
-    reference = torch.zeros(scores.numel(), dtype=torch.bool)
-    reference[scores.abs().flatten().sort(descending=True, stable=True).indices[:kept]] = True
-    return reference.view_as(scores)
-
-
 def test_threshold_reuse_is_exact_at_every_step():
     """The stateful selection (last threshold reused) against a full sort, over a training-like
     sequence of score updates: small drifts, a large jump, a rescale, and exact ties."""
     from popup_adapter.selection import SelectionState
 
     generator = torch.Generator().manual_seed(0)
-    scores = torch.randn(64, 32, 3, 3, generator=generator)
+    start = torch.randn(64, 32, 3, 3, generator=generator)
     state = SelectionState()
-    kept = num_kept(0.3, scores.numel())
-    updates = [0.001] * 20 + [1.0] + [0.01] * 10 + ["rescale", "ties"] + [0.0001] * 10
-    for update in updates:
-        if update == "rescale":
-            scores = scores * 100
-        elif update == "ties":
-            scores = scores.round()
-        else:
-            scores = scores + update * torch.randn(scores.shape, generator=generator)
+    kept = num_kept(0.3, start.numel())
+    for update, scores in score_updates(start, generator):
         mask = topk_mask(scores, kept, state)
         assert int(mask.sum()) == kept
-        assert torch.equal(mask, _full_sort_mask(scores, kept)), update
+        assert torch.equal(mask, full_sort_mask(scores, kept)), update
     assert state.threshold is not None
 
 
@@ -102,6 +90,6 @@ def test_layer_masks_stay_exact_while_training():
         optimizer.zero_grad()
         for layer in (model.base_model.features[0], model.base_model.classifier[1]):
             trained_mask = layer.effective_weight() != 0  # grad enabled: the stateful path
-            expected = _full_sort_mask(layer.popup_scores["default"], layer.popup_kept["default"])
+            expected = full_sort_mask(layer.popup_scores["default"], layer.popup_kept["default"])
             assert torch.equal(trained_mask, expected)
             assert layer.popup_selection["default"].threshold is not None
