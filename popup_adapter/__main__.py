@@ -1,4 +1,6 @@
-"""``python -m popup_adapter inspect PATH_OR_REPO``: look inside an artifact, no code needed."""
+"""The command line: ``python -m popup_adapter inspect PATH_OR_REPO`` looks inside an artifact,
+no code needed; ``python -m popup_adapter build-kernels`` compiles the fused CPU kernels ahead
+of the first training step (an install step, e.g. before several processes start at once)."""
 
 from __future__ import annotations
 
@@ -49,7 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="describe a mask artifact (folder or Hub repo)")
     inspect.add_argument("path_or_repo_id")
     inspect.add_argument("--revision", default=None)
+    commands.add_parser("build-kernels", help="compile the fused CPU kernels now")
     args = parser.parse_args(argv)
+    if args.command == "build-kernels":
+        from .kernels import load_kernels
+
+        built = load_kernels()
+        print("fused CPU kernels: " + ("built and loaded" if built else "not available"))
+        return 0 if built else 1
     try:
         print(inspect_artifact(args.path_or_repo_id, args.revision))
     except PopupError as error:

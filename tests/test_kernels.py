@@ -103,3 +103,19 @@ def test_shared_gradient_is_not_overwritten():
     (masked_weight(weight, scores, 1000, SelectionState()) + other).backward(upstream)
     assert torch.equal(other.grad, upstream)
     assert torch.equal(scores.grad, upstream * weight * scores.detach().sign())
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    kernels.load_kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="c\\+\\+: command not found.*eager path"):
+            assert not kernels.load_kernels()
+        assert not _fused_kernels_apply(torch.ones(4), torch.ones(4), SelectionState())
+    finally:
+        kernels.load_kernels.cache_clear()
