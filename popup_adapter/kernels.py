@@ -2,9 +2,11 @@
 
 In eager PyTorch, selecting the mask and applying it costs a chain of elementwise passes over
 every weight (``abs``, band comparisons, the mask, ``W * M``; in the backward ``sign(S)`` and two
-products), and on a CPU each pass is bound by memory bandwidth. ``csrc/masked_weight.cpp`` does
-the forward in one pass over the scores and weights (given the layer's last threshold) and the
-backward in one, registered as the torch operators ``torch.ops.popup_adapter.*``.
+products), each reading and writing whole tensors and allocating new ones.
+``csrc/masked_weight.cpp`` does the forward in one vectorized pass over the scores and weights
+(given the layer's predicted threshold) and the backward in one, in the incoming gradient's
+buffer when the caller allows it; they are registered as the torch operators
+``torch.ops.popup_adapter.*``.
 
 The extension is built with ``torch.utils.cpp_extension`` the first time a CPU training step
 needs it (a C++ compiler is required; the build is cached under ``TORCH_EXTENSIONS_DIR``).
