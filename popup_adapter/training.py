@@ -287,30 +287,24 @@ def check_fsdp_units(model: nn.Module) -> None:
 
 @contextmanager
 def full_parameters(model: nn.Module) -> Iterator[None]:
-    """Every parameter whole on every process for the duration, under FSDP (1 or 2); nothing
-    to do otherwise.
+    """Every parameter whole on every process for the duration under FSDP1, whose flat
+    parameters no layer can read; nothing to do otherwise.
 
     A sharded layer's mask is chosen over its whole score tensor, and saving reads every mask:
     all processes must take part in gathering the shards, so they all enter this context and
-    then the main process alone saves.
+    then the main process alone saves. FSDP2 needs nothing here: its parameters are DTensors,
+    which :func:`~popup_adapter.layers.whole_tensor` gathers where they are read.
     """
     try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # torch without distributed support
         yield
         return
     if isinstance(model, FullyShardedDataParallel):
         with FullyShardedDataParallel.summon_full_params(model, writeback=False):
             yield
-        return
-    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    for module in sharded:
-        module.unshard()
-    try:
+    else:
         yield
-    finally:
-        for module in sharded:
-            module.reshard()
 
 
 def mask_digest(model) -> str:
