@@ -60,9 +60,10 @@ def load_kernels() -> bool:
             verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, read-only cache, ...
+        last_line = (str(error).strip().splitlines() or [""])[-1]
         warnings.warn(
             f"popup_adapter's fused CPU kernels could not be built ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); training "
+            f"{last_line}); training "
             "uses the eager path (same masks, slower). Install a C++ compiler and ninja, or set "
             "POPUP_ADAPTER_KERNELS=0 to silence this.",
             RuntimeWarning,

@@ -26,6 +26,7 @@ _HALF_PI = math.pi / 2
 
 #: an elementwise float64 map applied to drawn values before they are stored
 Transform = Callable[[np.ndarray], np.ndarray]
+
 #: Gain of the ReLU family, the paper's choice for every init (sqrt(2)).
 RELU_GAIN = math.sqrt(2.0)
 

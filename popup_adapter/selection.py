@@ -70,6 +70,11 @@ class SelectionState:
         self.threshold = threshold
 
 
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest of a 1-D tensor, by selection (``kthvalue``), not a sort."""
+    return values.kthvalue(values.numel() - k + 1).values
+
+
 def _break_ties(magnitude: torch.Tensor, threshold: torch.Tensor, kept: int) -> torch.Tensor:
     """Exactly ``kept`` entries: all above ``threshold``, then the lowest-index ties at it."""
     above = magnitude > threshold
@@ -109,7 +114,7 @@ def _eager_band(magnitude: torch.Tensor, kept: int) -> Callable:
         if above_high + in_band.numel() < kept:
             return None, False
         needed = kept - above_high
-        threshold = in_band.kthvalue(in_band.numel() - needed + 1).values
+        threshold = _kth_largest(in_band, needed)
         return (threshold, int((in_band >= threshold).sum()) == needed), None
 
     return try_band
@@ -127,14 +132,14 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
     if kept >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
     if state is None or torch.compiler.is_compiling():
-        threshold = magnitude.kthvalue(numel - kept + 1).values
+        threshold = _kth_largest(magnitude, kept)
         return _break_ties(magnitude, threshold, kept).view_as(scores)
 
     found = None
     if state.threshold is not None:
         found = _search_bands(state, _eager_band(magnitude, kept))
     if found is None:
-        threshold = magnitude.kthvalue(numel - kept + 1).values
+        threshold = _kth_largest(magnitude, kept)
         no_ties, first_try = None, False  # ties unknown: counted below
     else:
         (threshold, no_ties), first_try = found
@@ -210,7 +215,7 @@ class FusedStraightThroughMask(torch.autograd.Function):
         found = _search_bands(state, try_band) if state.threshold is not None else None
         if found is None:
             magnitude = scores_c.abs().flatten()
-            threshold = float(magnitude.kthvalue(magnitude.numel() - kept + 1).values)
+            threshold = float(_kth_largest(magnitude, kept))
             out, threshold, _ = forward_kernel(weight, scores_c, kept, threshold, threshold)
             first_try = False
         else:
