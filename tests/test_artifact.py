@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,18 @@ def test_inspect_command(conv_artifact):
         text=True,
     )
     assert bad.returncode == 1 and bad.stderr.startswith("error: ")
+
+
+FORMAT_1 = Path(__file__).parent / "data" / "format_v1"
+
+
+@pytest.mark.parametrize("name", ["conv2", "test_resnet", "bert", "gpt2"])
+def test_format_1_artifacts_still_load(name):
+    """Artifacts written by the first release (format 1) load to the outputs they were saved
+    with: a published artifact is a promise (see tests/data/format_v1/README.md)."""
+    from safetensors.torch import load_file
+
+    io = load_file(FORMAT_1 / f"{name}.io.safetensors")
+    loaded = PopupModel.from_pretrained(FORMAT_1 / name)
+    with torch.no_grad():
+        assert torch.equal(logits(loaded(io["input"])), io["output"])
