@@ -1,8 +1,8 @@
 """What is on disk: the mask artifact, a folder of three files.
 
-- ``popup_config.json``: format and library versions, the :class:`PopupConfig`, the base's spec
-  and fingerprint, every masked layer's shape, kept count and encoding, and the sha256 of the
-  tensor file;
+- ``popup_config.json``: format and library versions, the :class:`PopupConfig`, the base's spec,
+  weight fingerprint and structure (format 2), every masked tensor's module, parameter, shape,
+  kept count and encoding, and the sha256 of the tensor file;
 - ``popup_model.safetensors``: each layer's encoded mask (``mask.<layer>``, uint8) and the other
   tensors training changed (``state.<name>``: BatchNorm statistics, ``modules_to_save``,
   trained norms);
@@ -11,6 +11,10 @@
 Nothing is pickled. Every file is written atomically (temporary file, then rename), so an
 interrupted save never leaves a half-written file under the final name, and the recorded sha256
 catches a tensor file that does not belong to its config.
+
+Format 1 (the first release) had no structure and named each masked layer's ``weight`` by its
+module; it stays readable: its masks load onto the tensors it lists, whatever later versions
+mask by default.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +33,20 @@ import numpy as np
 import torch
 
 from . import __version__
+from .base import first_difference, structure_fingerprint
 from .codec import decode_mask, encode_mask, entropy_bits
 from .config import PopupConfig
 from .errors import ArtifactError, BaseMismatchError
 from .layers import whole_tensor
 from .specs import describe
+from .targets import MaskTarget
 
 if TYPE_CHECKING:
     from .model import PopupModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the formats this version reads (every one a release wrote)
+READABLE_FORMATS = (1, 2)
 CONFIG_NAME = "popup_config.json"
 WEIGHTS_NAME = "popup_model.safetensors"
 CARD_NAME = "README.md"
@@ -95,10 +104,19 @@ def collect_artifact(
     adapter_name = adapter_name or model.active_adapter
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
-    for name, mask in model.get_masks(adapter_name).items():
+    masks = model.get_masks(adapter_name)
+    for target, layer in model._masked_layers():
+        mask = masks[target.key]
         encoding, payload = encode_mask(mask)
-        tensors[_MASK_PREFIX + name] = torch.from_numpy(payload)
-        layers[name] = {"shape": list(mask.shape), "kept": int(mask.sum()), "encoding": encoding}
+        tensors[_MASK_PREFIX + target.key] = torch.from_numpy(payload)
+        layers[target.key] = {
+            "module": target.module,
+            "parameter": target.parameter,
+            "shape": list(mask.shape),
+            "kept": int(mask.sum()),
+            "encoding": encoding,
+            **({"experts": layer.num_masks} if layer.per_expert else {}),
+        }
     for name, value in model.trained_state(adapter_name).items():
         tensors[_STATE_PREFIX + name] = whole_tensor(value).to("cpu").contiguous()
     blob = save(
@@ -115,12 +133,26 @@ def collect_artifact(
         "config": model.peft_config[adapter_name].to_dict(),
         "base": model.base_spec,
         "base_fingerprint": model.base_fingerprint,
+        "structure": {
+            "fingerprint": structure_fingerprint(model.base_structure),
+            "library_versions": _library_versions(),
+            "modules": model.base_structure,
+        },
         "layers": layers,
         "files": {WEIGHTS_NAME: {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}},
         "dataset": dataset,
         "metrics": metrics or {},
     }
     return ArtifactFiles(blob, meta)
+
+
+def _library_versions() -> dict[str, str]:
+    """The versions of the libraries that shape a base, of those loaded (for messages)."""
+    versions = {"torch": torch.__version__}
+    for name in ("timm", "transformers"):
+        if name in sys.modules:
+            versions[name] = sys.modules[name].__version__
+    return versions
 
 
 def save_artifact(
@@ -155,8 +187,50 @@ class Artifact:
 
     @property
     def layers(self) -> dict[str, dict[str, Any]]:
-        """``{layer: {shape, kept, encoding}}`` of every masked layer."""
+        """``{tensor name: {module, parameter, shape, kept, encoding}}`` of every masked tensor
+        (format 1: ``{module name: {shape, kept, encoding}}``, the module's ``weight``)."""
         return self.meta["layers"]
+
+    @property
+    def targets(self) -> list[MaskTarget]:
+        """The tensors this artifact masks."""
+        return [
+            MaskTarget(layer.get("module", name), layer.get("parameter", "weight"))
+            for name, layer in self.layers.items()
+        ]
+
+    def check_structure(self, structure: dict[str, str]) -> None:
+        """Refuse a base whose structure (:func:`~popup_adapter.base.describe_structure`) is not
+        the one this mask was trained on, naming the first module that differs and the fix.
+        Format-1 artifacts record no structure: only their weight fingerprint is checked."""
+        stored = self.meta.get("structure")
+        if stored is None or structure_fingerprint(structure) == stored["fingerprint"]:
+            return
+        name, here, there = first_difference(structure, stored["modules"]) or ("?", "?", "?")
+        spec = self.base_spec
+        if spec.get("library") == "timm":
+            fix = (
+                "A timm model built with constructor arguments that cannot be read back from it "
+                "(act_layer, output_stride, ...) must be built the same way: pass model="
+                "timm.create_model(...) with those arguments, and adapt with "
+                "get_popup_model(..., base_kwargs={...}) so that its artifacts record them."
+            )
+        else:
+            fix = f"Pass model= built exactly as the base was ({describe(spec)})."
+        saved_with = stored.get("library_versions", {})
+        here_with = _library_versions()
+        versions = ""
+        if any(saved_with.get(lib) != here_with.get(lib) for lib in saved_with):
+            versions = (
+                f" It was saved with {saved_with}, this is {here_with}: if only the versions "
+                "differ and you have checked the outputs, check_structure=False skips this check."
+            )
+        raise BaseMismatchError(
+            f"{self.folder / CONFIG_NAME}: the base built here is not the network the mask was "
+            f"trained on; their structures first differ at module {name!r}:\n"
+            f"  here:            {_shorten(here)}\n  in the artifact: {_shorten(there)}\n"
+            f"{fix}{versions}"
+        )
 
     def mask(self, name: str) -> torch.Tensor:
         """The decoded boolean mask of layer ``name``."""
@@ -177,9 +251,12 @@ class Artifact:
             if key.startswith(_STATE_PREFIX)
         }
 
-    def load_into(self, model: PopupModel, adapter_name: str) -> None:
-        """Check that ``model``'s base is this mask's, then set ``adapter_name``'s mask, state."""
+    def load_into(self, model: PopupModel, adapter_name: str, check_structure: bool = True) -> None:
+        """Check that ``model``'s base is this mask's (structure, masked tensors, weights), then
+        set ``adapter_name``'s mask and state."""
         where = self.folder / CONFIG_NAME
+        if check_structure:
+            self.check_structure(model.base_structure)
         masked = dict(model.popup_layers())
         if set(masked) != set(self.layers):
             missing = sorted(set(self.layers) - set(masked))[:5]
@@ -190,9 +267,9 @@ class Artifact:
                 f"{describe(self.base_spec)} as the mask expects"
             )
         for name, layer in masked.items():
-            shape = list(layer.weight.shape)
+            shape = list(layer.base_weight.shape)
             if shape != self.layers[name]["shape"]:
-                raise ArtifactError(
+                raise BaseMismatchError(
                     f"{where}: the mask of layer {name!r} has shape "
                     f"{self.layers[name]['shape']}, the model's weight {shape}"
                 )
@@ -233,10 +310,10 @@ def read_artifact(folder: str | os.PathLike) -> Artifact:
         version = meta["format_version"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise ArtifactError(f"{config_path} is corrupted or truncated ({error})") from error
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ArtifactError(
             f"{config_path} has format version {version!r}; this popup_adapter "
-            f"({__version__}) reads version {FORMAT_VERSION}. Upgrade popup_adapter."
+            f"({__version__}) reads versions {list(READABLE_FORMATS)}. Upgrade popup_adapter."
         )
     blob = weights_path.read_bytes()
     expected = meta["files"][WEIGHTS_NAME]
@@ -283,6 +360,10 @@ def artifact_summary(artifact: Artifact) -> dict[str, Any]:
         "state_bytes": state_bytes,
         "file_bytes": (artifact.folder / WEIGHTS_NAME).stat().st_size,
     }
+
+
+def _shorten(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _CARD_TEMPLATE = """---

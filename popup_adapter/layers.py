@@ -1,22 +1,49 @@
-"""How one wrapped layer computes: ``base_layer`` keeps its frozen weight, scores pick ``W * M``.
+"""How one wrapped layer computes: its base layer's own forward, with ``W * M`` standing in for W.
 
-Follows PEFT's layer contract: the original module stays as ``base_layer``, adapter parameters
-are prefixed (``popup_scores``) and keyed by adapter name, one adapter is active at a time, and
-``weight`` / ``bias`` read through to the base layer so code that inspects them keeps working.
-Each subclass only says how its base layer computes with a given weight; the same computation
-runs in the merged model, which is why merged and masked outputs are bit-identical.
+The layer contract follows PEFT's: the original module stays as ``base_layer``, adapter
+parameters are prefixed (``popup_scores``) and keyed by adapter name, one adapter is active at a
+time. A wrapper masks one parameter of its base layer (``parameter_name``: ``weight`` for a
+Linear or Conv). A module with several masked parameters (the fused expert banks of a
+mixture-of-experts block) gets one wrapper per parameter, nested, as PEFT's ``ParamWrapper``.
+
+"masked == merged" holds by construction: the forward calls the base layer itself with
+``W * M`` swapped in for its parameter (``torch.func.functional_call``), so whatever a
+subclass's forward does with its weight (weight standardisation, dynamic SAME padding, hooks)
+happens to the masked weight, exactly as in the merged model. Code that reads the parameter
+from outside the layer (``F.linear(x, self.qkv.weight)`` in BEiT's attention) reads ``W * M``
+too, and every other attribute (``kernel_size``, ``in_features``, ``nf``...) reads through to
+the base layer. Only the exact classes ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` and
+transformers' ``Conv1D`` without hooks are computed here directly, as the one functional
+operation their forward is: the same computation, and the fused straight-through backward may
+then reuse the weight-gradient buffer (see :func:`~popup_adapter.selection.masked_weight`).
+
+Weights that a parametrization recomputes from other tensors (weight normalisation) cannot be
+swapped this way (``functional_call`` would silently use the parametrization's value), so they
+are refused (:func:`unmaskable_reason`).
 """
 
 from __future__ import annotations
 
 import math
-import sys
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.nn.modules import module as _torch_module
+from torch.nn.utils import parametrize
 
+from .base import is_expert_bank, is_norm_module, masked_fan_in, transformers_conv1d
 from .selection import SelectionState, masked_weight, num_kept, topk_mask
+
+#: torch's process-wide module hooks: when any is set, layers are called, never bypassed
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -25,55 +52,111 @@ def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def unmaskable_reason(module: nn.Module, parameter_name: str) -> str | None:
+    """Why ``parameter_name`` of ``module`` cannot be masked, or None when it can."""
+    if is_norm_module(module):
+        return "normalisation layers are not masked (identity, or trained with train_norms)"
+    if parametrize.is_parametrized(module, parameter_name):
+        return (
+            f"its {parameter_name} is computed by a parametrization (e.g. weight normalisation) "
+            "from other tensors, which masking cannot stand in for"
+        )
+    if not isinstance(module._parameters.get(parameter_name), nn.Parameter):
+        return (
+            f"its {parameter_name} is not a parameter of its own (a hook recomputes it, as "
+            "torch.nn.utils.weight_norm does)"
+        )
+    return None
+
+
 class PopupLayer(nn.Module):
-    """A supported layer wrapped with one learnable score per weight and adapter."""
+    """One parameter of a module, masked: a learnable score per weight and adapter.
+
+    Used as it is for any module (the forward calls the module with ``W * M`` swapped in), and
+    through its subclasses for the layers it computes directly. ``per_expert`` masks each
+    ``tensor[e]`` with its own exact top-k, so that ``k`` means for every expert's matrix what it
+    means for a Linear.
+    """
 
     #: the names PEFT-style code uses to find adapter parameters
     adapter_layer_names = ("popup_scores",)
+    #: the exact classes whose forward :meth:`forward_with_weight` computes
+    computed_types: tuple[type, ...] = ()
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(
+        self, base_layer: nn.Module, parameter_name: str = "weight", per_expert: bool = False
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.parameter_name = parameter_name
+        self.per_expert = per_expert
         self.popup_scores = nn.ParameterDict()
+        #: per adapter, how many weights each mask keeps (each expert's, with ``per_expert``)
         self.popup_kept: dict[str, int] = {}
-        #: per adapter, the last threshold, so the next selection is cheap (see selection.py)
-        self.popup_selection: dict[str, SelectionState] = {}
+        #: per adapter and mask, the last threshold, so the next selection is cheap
+        self.popup_selection: dict[str, list[SelectionState]] = {}
         self.active_adapter: str | None = None
         self.disable_adapters = False
         self._eval_cache: tuple[tuple, torch.Tensor] | None = None
 
-    # -- read-through to the base layer, so e.g. tied-weight code and `.weight.shape` still work
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight (read-through to ``base_layer``)."""
-        return self.base_layer.weight
+    # -- the base layer, read through
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+        if name == self.__dict__.get("parameter_name"):
+            return self.effective_weight()  # model code reading `.weight` gets W * M
+        return getattr(base, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # assigning the masked parameter (e.g. transformers re-tying weights) replaces the base
+        # layer's: the wrapper must never hold a parameter of that name itself
+        base = self.__dict__.get("_modules", {}).get("base_layer")
+        if base is not None and name == self.__dict__.get("parameter_name"):
+            setattr(base, name, value)
+            self._eval_cache = None
+        else:
+            super().__setattr__(name, value)
 
     @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's bias, or None."""
-        return getattr(self.base_layer, "bias", None)
+    def owner(self) -> nn.Module:
+        """The module that holds the masked parameter (below any nested wrappers)."""
+        module = self.base_layer
+        while isinstance(module, PopupLayer):
+            module = module.base_layer
+        return module
 
-    @staticmethod
-    def weight_fan_in(weight: torch.Tensor) -> int:
-        """Inputs feeding one output unit: the fan of Kaiming's init for such a weight."""
-        return math.prod(weight.shape[1:])
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen tensor this layer masks."""
+        return self.owner._parameters[self.parameter_name]
+
+    @property
+    def num_masks(self) -> int:
+        """Separate top-k selections: one per expert with ``per_expert``, else one."""
+        return self.base_weight.shape[0] if self.per_expert else 1
 
     @property
     def fan_in(self) -> int:
-        """This layer's fan-in, as Kaiming's init counts it."""
-        return self.weight_fan_in(self.weight)
+        """This layer's fan-in, as Kaiming's init counts it (per expert for an expert bank)."""
+        return masked_fan_in(self.owner, self.base_weight)
 
+    # -- adapters
     def update_layer(self, adapter_name: str, k: float, scores: torch.Tensor) -> None:
-        """Add (or replace) the scores of ``adapter_name``, keeping ``round(k * n)`` weights."""
-        if scores.shape != self.weight.shape:
+        """Add (or replace) the scores of ``adapter_name``, keeping ``round(k * n)`` weights
+        of each mask."""
+        weight = self.base_weight
+        if scores.shape != weight.shape:
             raise ValueError(
                 f"scores of shape {tuple(scores.shape)} do not fit a weight of "
-                f"shape {tuple(self.weight.shape)}"
+                f"shape {tuple(weight.shape)}"
             )
-        param = nn.Parameter(scores.to(self.weight.device), requires_grad=True)
-        self.popup_scores[adapter_name] = param
-        self.popup_kept[adapter_name] = num_kept(k, self.weight.numel())
-        self.popup_selection[adapter_name] = SelectionState()
+        self.popup_scores[adapter_name] = nn.Parameter(scores.to(weight.device))
+        self.popup_kept[adapter_name] = num_kept(k, weight.numel() // self.num_masks)
+        self.popup_selection[adapter_name] = [SelectionState() for _ in range(self.num_masks)]
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name``'s scores from this layer."""
@@ -90,15 +173,18 @@ class PopupLayer(nn.Module):
             scores.requires_grad_(name == adapter_name)
         self.active_adapter = adapter_name
 
+    def _per_mask(self, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
+        return tensor.unbind(0) if self.per_expert else (tensor,)
+
     def load_mask(self, adapter_name: str, mask: torch.Tensor) -> None:
         """Set ``adapter_name``'s scores so that its top-k is exactly ``mask`` (a loaded mask):
         kept weights score 1/sqrt(fan_in), the initial scores' scale, the others 0."""
-        scores = self.popup_scores[adapter_name]
-        if int(mask.sum()) != self.popup_kept[adapter_name] or mask.shape != scores.shape:
+        scores, kept = self.popup_scores[adapter_name], self.popup_kept[adapter_name]
+        counts = [int(part.sum()) for part in self._per_mask(mask)] if mask.ndim else []
+        if mask.shape != scores.shape or any(count != kept for count in counts):
             raise ValueError(
-                f"a mask of shape {tuple(mask.shape)} keeping {int(mask.sum())} "
-                f"does not fit this layer ({tuple(scores.shape)}, keeping "
-                f"{self.popup_kept[adapter_name]})"
+                f"a mask of shape {tuple(mask.shape)} keeping {counts} does not fit this layer "
+                f"({tuple(scores.shape)}, keeping {kept} in each of {self.num_masks} masks)"
             )
         with torch.no_grad():
             scores.copy_(mask.to(scores.device, scores.dtype) / math.sqrt(self.fan_in))
@@ -107,8 +193,11 @@ class PopupLayer(nn.Module):
         """The boolean mask of ``adapter_name`` (default: active), shaped like the weight."""
         adapter_name = adapter_name or self.active_adapter
         scores = whole_tensor(self.popup_scores[adapter_name])  # the mask is per whole layer
-        return topk_mask(scores, self.popup_kept[adapter_name])
+        kept = self.popup_kept[adapter_name]
+        masks = [topk_mask(part, kept) for part in self._per_mask(scores)]
+        return torch.stack(masks) if self.per_expert else masks[0]
 
+    # -- the forward
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: ``W * M`` of the active adapter, or ``W`` when off.
 
@@ -118,44 +207,89 @@ class PopupLayer(nn.Module):
         return self._effective_weight(single_use=False)
 
     def _effective_weight(self, single_use: bool) -> torch.Tensor:
-        adapter = self.active_adapter
+        adapter, weight = self.active_adapter, self.base_weight
         if self.disable_adapters or adapter is None:
-            return self.weight
+            return weight
         scores, kept = self.popup_scores[adapter], self.popup_kept[adapter]
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             if not torch.compiler.is_compiling():
                 self._eval_cache = None  # training: do not hold a stale copy of the weight
-            return masked_weight(
-                self.weight, scores, kept, self.popup_selection[adapter], single_use
-            )
-        key = (adapter, scores._version, id(scores), self.weight._version, id(self.weight))
+            states = self.popup_selection[adapter]
+            parts = [
+                masked_weight(w, s, kept, state, single_use and not self.per_expert)
+                for w, s, state in zip(
+                    self._per_mask(weight), self._per_mask(scores), states, strict=True
+                )
+            ]
+            return torch.stack(parts) if self.per_expert else parts[0]
+        key = (adapter, scores._version, id(scores), weight._version, id(weight))
         if self._eval_cache is None or self._eval_cache[0] != key:
-            self._eval_cache = (key, self.weight * topk_mask(scores, kept))
+            self._eval_cache = (key, weight * self.get_mask(adapter))
         return self._eval_cache[1]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _computes_itself(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the base layer's forward is exactly :meth:`forward_with_weight` here: its
+        class is one of ``computed_types`` exactly, called with one input, and no hook (its own,
+        a global one, or a replaced ``forward`` such as accelerate's) would be skipped."""
+        base = self.base_layer
+        return (
+            type(base) in self.computed_types
+            and len(args) == 1
+            and not kwargs
+            and not (
+                base._forward_hooks
+                or base._forward_pre_hooks
+                or base._backward_hooks
+                or base._backward_pre_hooks
+                or "forward" in base.__dict__
+            )
+            and not any(getattr(_torch_module, hooks) for hooks in _GLOBAL_HOOKS)
+        )
+
+    def forward(self, *args, **kwargs):
         """The base layer's computation with the active adapter's ``W * M``."""
-        # W * M feeds exactly one operation here: its gradient buffer may be reused in place
-        return self.forward_with_weight(x, self._effective_weight(single_use=True))
+        if self.disable_adapters or self.active_adapter is None:
+            return self.base_layer(*args, **kwargs)
+        if self._computes_itself(args, kwargs):
+            # W * M feeds exactly one operation here: its gradient buffer may be reused in place
+            return self.forward_with_weight(args[0], self._effective_weight(single_use=True))
+        path, module = [self.parameter_name], self.base_layer
+        while isinstance(module, PopupLayer):  # nested wrappers: swap in the owner's tensor
+            path.insert(0, "base_layer")
+            module = module.base_layer
+        swapped = {".".join(path): self._effective_weight(single_use=False)}
+        return functional_call(self.base_layer, swapped, args, kwargs, strict=False)
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """What ``base_layer`` computes, with ``weight`` in place of its own."""
+        """What a base layer of one of ``computed_types`` computes, with ``weight`` as its own."""
         raise NotImplementedError
 
+    # -- back to a plain module
     def merged_base_layer(self, adapter_name: str | None = None) -> nn.Module:
-        """``base_layer`` with ``W * M`` baked in, as a new parameter (tied weights stay intact)."""
-        merged_weight = self.weight.detach() * self.get_mask(adapter_name)
-        self.base_layer.weight = nn.Parameter(merged_weight, requires_grad=False)
-        return self.base_layer
+        """The owner module with ``W * M`` of every nested wrapper baked in, each as a new
+        parameter (a tied weight stays intact in the other modules that share it)."""
+        merged = self.base_weight.detach() * self.get_mask(adapter_name)
+        setattr(self.owner, self.parameter_name, nn.Parameter(merged, requires_grad=False))
+        inner = self.base_layer
+        return inner.merged_base_layer(adapter_name) if isinstance(inner, PopupLayer) else inner
+
+    def unloaded_base_layer(self) -> nn.Module:
+        """The owner module as it was, every nested wrapper dropped."""
+        return self.owner
 
     def extra_repr(self) -> str:
-        """Kept counts per adapter and the active one, for ``print(model)``."""
-        kept = ", ".join(f"{a}: {n}/{self.weight.numel()}" for a, n in self.popup_kept.items())
-        return f"kept=({kept}), active={self.active_adapter!r}"
+        """The masked parameter, kept counts per adapter and the active one, for ``print``."""
+        per_mask = self.base_weight.numel() // self.num_masks
+        kept = ", ".join(f"{a}: {n}/{per_mask}" for a, n in self.popup_kept.items())
+        where = "" if self.parameter_name == "weight" else f"parameter={self.parameter_name}, "
+        experts = f"experts={self.num_masks}, kept per expert" if self.per_expert else "kept"
+        return f"{where}{experts}=({kept}), active={self.active_adapter!r}"
 
 
 class PopupLinear(PopupLayer):
-    """Masked ``nn.Linear``."""
+    """Masked ``nn.Linear`` (and, through the base layer's own forward, any subclass)."""
+
+    computed_types = (nn.Linear,)
 
     def forward_with_weight(self, x, weight):
         """``F.linear`` with ``weight``, the base layer's bias."""
@@ -163,8 +297,10 @@ class PopupLinear(PopupLayer):
 
 
 class PopupConv(PopupLayer):
-    """Masked ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d``, any groups (depthwise included), any padding
-    mode: the base layer's own ``_conv_forward`` does the work."""
+    """Masked ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` (any groups, depthwise included, any
+    padding mode) and their subclasses (timm's ``StdConv2d``, ``Conv2dSame``...)."""
+
+    computed_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def forward_with_weight(self, x, weight):
         """The base conv's own ``_conv_forward`` with ``weight``."""
@@ -175,10 +311,11 @@ class PopupConv1D(PopupLayer):
     """Masked transformers ``Conv1D`` (GPT-2): a linear layer whose weight is stored transposed,
     ``(in_features, out_features)``, so its fan-in is the first dimension."""
 
-    @staticmethod
-    def weight_fan_in(weight: torch.Tensor) -> int:
-        """The first dimension: Conv1D stores ``(in_features, out_features)``."""
-        return weight.shape[0]
+    @property
+    def computed_types(self) -> tuple[type, ...]:
+        """transformers' ``Conv1D``, once transformers is loaded."""
+        conv1d = transformers_conv1d()
+        return (conv1d,) if conv1d is not None else ()
 
     def forward_with_weight(self, x, weight):
         """``x @ weight + bias``, as transformers' Conv1D computes it."""
@@ -190,10 +327,7 @@ class PopupConv1D(PopupLayer):
 class PopupEmbedding(PopupLayer):
     """Masked ``nn.Embedding`` (off by default: set ``mask_embeddings=True``)."""
 
-    @staticmethod
-    def weight_fan_in(weight: torch.Tensor) -> int:
-        """The embedding dimension, as torch's Kaiming init counts it."""
-        return weight.shape[1]
+    computed_types = (nn.Embedding,)
 
     def forward_with_weight(self, x, weight):
         """``F.embedding`` with ``weight`` and the base layer's options."""
@@ -209,34 +343,36 @@ class PopupEmbedding(PopupLayer):
         )
 
 
-def _transformers_conv1d() -> type | None:
-    """transformers' ``Conv1D`` if transformers is loaded; never imports it ourselves."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
-
-
-def popup_layer_class(
-    module: nn.Module, include_embeddings: bool = True
-) -> type[PopupLayer] | None:
-    """The wrapper class for ``module``, or None when edge-popup cannot mask it."""
+def popup_layer_class(module: nn.Module) -> type[PopupLayer]:
+    """The wrapper class for ``module``'s ``weight``: the one that computes its kind directly
+    where there is one (its exact class only), else the generic :class:`PopupLayer`."""
     if isinstance(module, nn.Linear):
         return PopupLinear
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return PopupConv
-    conv1d = _transformers_conv1d()
+    conv1d = transformers_conv1d()
     if conv1d is not None and isinstance(module, conv1d):
         return PopupConv1D
-    if include_embeddings and isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding):
         return PopupEmbedding
-    return None
+    return PopupLayer
 
 
-def create_popup_layer(module: nn.Module) -> PopupLayer:
-    """Wrap a supported module; raise ``TypeError`` naming the supported types otherwise."""
-    cls = popup_layer_class(module)
-    if cls is None:
-        raise TypeError(
-            f"cannot mask a {type(module).__name__}: supported are nn.Linear, "
-            "nn.Conv1d/2d/3d, transformers Conv1D and nn.Embedding"
-        )
-    return cls(module)
+def create_popup_layer(
+    module: nn.Module, parameter_names: Sequence[str] = ("weight",)
+) -> PopupLayer:
+    """Wrap the named parameters of ``module``, one wrapper each, nested (``weight`` innermost);
+    ``TypeError`` with the reason when one cannot be masked (see :func:`unmaskable_reason`)."""
+    names = sorted(parameter_names, key=lambda name: name != "weight")
+    for name in names:
+        reason = unmaskable_reason(module, name)
+        if reason is not None:
+            raise TypeError(f"cannot mask {name} of a {type(module).__name__}: {reason}")
+    layer = module
+    for name in names:
+        if name == "weight":
+            layer = popup_layer_class(module)(module)
+        else:
+            per_expert = is_expert_bank(module, module._parameters[name])
+            layer = PopupLayer(layer, name, per_expert=per_expert)
+    return layer

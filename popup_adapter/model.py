@@ -9,54 +9,36 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import os
 import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from .base import describe_structure, is_inside, is_norm_module, seed_base
 from .config import PopupConfig
-from .errors import AlreadyAdaptedError, ArtifactError, TargetModulesError
-from .layers import PopupLayer, create_popup_layer, popup_layer_class, whole_tensor
-from .seeding import fingerprint, init_values, normal_values, score_values
+from .errors import AlreadyAdaptedError, ArtifactError, BaseMismatchError
+from .layers import PopupLayer, create_popup_layer, whole_tensor
+from .seeding import fingerprint, score_values
 from .specs import build_base, describe_base
-
-_NORM_CLASS_NAME = re.compile(r"(Batch|Layer|Group|Instance|RMS)Norm")
-_NORM_TYPES = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    nn.LocalResponseNorm,
+from .targets import (
+    Coverage,
+    MaskTarget,
+    check_stored_targets,
+    matrix_coverage,
+    module_aliases,
+    resolve_targets,
+    warn_unmasked,
 )
+
 _BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 #: path segments that wrappers insert; removed to recover the base model's own names
 _WRAPPER_SEGMENTS = re.compile(r"\.(base_layer|original_module)(?=\.|$)")
-_DEFAULT_EMBEDDING_STD = 0.02
-
-
-def is_norm_module(module: nn.Module) -> bool:
-    """Normalisation layers: torch's, and any class named like one (timm, transformers)."""
-    return isinstance(module, _NORM_TYPES) or bool(_NORM_CLASS_NAME.search(type(module).__name__))
-
-
-def module_matches(name: str, selector: str | list[str] | None) -> bool:
-    """PEFT's matching rule: a regex must match the full name; a list entry must equal the name
-    or be its dotted suffix."""
-    if selector is None:
-        return False
-    if isinstance(selector, str):
-        return re.fullmatch(selector, name) is not None
-    return any(name == entry or name.endswith("." + entry) for entry in selector)
-
-
-def _inside(name: str, roots: list[str]) -> bool:
-    return any(name == root or name.startswith(root + ".") for root in roots)
 
 
 def base_name(name: str) -> str:
@@ -94,18 +76,26 @@ class ModulesToSaveWrapper(nn.Module):
 
 
 def get_popup_model(
-    model: nn.Module, config: PopupConfig | None = None, adapter_name: str = "default", **overrides
+    model: nn.Module,
+    config: PopupConfig | None = None,
+    adapter_name: str = "default",
+    *,
+    base_kwargs: dict[str, Any] | None = None,
+    **overrides,
 ) -> PopupModel:
     """Adapt ``model`` for edge-popup: wrap its layers with scores and reset its base from the seed.
 
     ``get_popup_model(timm.create_model("resnet50"), k=0.3)`` is the whole call; keyword
-    arguments override the fields of ``config`` (a :class:`PopupConfig`).
+    arguments override the fields of ``config`` (a :class:`PopupConfig`). ``base_kwargs`` are
+    constructor arguments of a timm model that cannot be read back from the built model (e.g.
+    ``{"act_layer": "gelu", "output_stride": 16}``): stored in the artifact, they rebuild the
+    same network at load time.
     """
     if config is None:
         config = PopupConfig(**overrides)
     elif overrides:
         config = PopupConfig(**{**config.to_dict(), **overrides})
-    return PopupModel(model, config, adapter_name)
+    return PopupModel(model, config, adapter_name, base_kwargs=base_kwargs)
 
 
 class PopupModel(nn.Module):
@@ -124,9 +114,14 @@ class PopupModel(nn.Module):
         adapter_name: str = "default",
         *,
         draw_scores: bool = True,
+        base_kwargs: dict[str, Any] | None = None,
+        targets: list[MaskTarget] | None = None,
     ):
         """``draw_scores=False`` leaves the scores at zero instead of drawing them from the seed,
-        for a caller that sets them right away (loading a saved mask)."""
+        for a caller that sets them right away (loading a saved mask); ``targets`` masks exactly
+        these tensors instead of resolving ``config``'s selectors (an artifact's own list, so
+        that it loads the same under later default rules); ``base_kwargs`` as in
+        :func:`get_popup_model`."""
         super().__init__()
         if isinstance(model, PopupModel) or any(
             isinstance(m, (PopupLayer, ModulesToSaveWrapper)) for m in model.modules()
@@ -137,19 +132,25 @@ class PopupModel(nn.Module):
             )
         self.base_model = model
         #: how to rebuild this architecture from an artifact (see popup_adapter.specs)
-        self.base_spec = describe_base(model)
+        self.base_spec = describe_base(model, base_kwargs)
+        #: what computes with the base weights (see popup_adapter.base.describe_structure)
+        self.base_structure = describe_structure(model)
         self.peft_config: dict[str, PopupConfig] = {}
         self.active_adapter = adapter_name
         # BatchNorm statistics of the adapters that are not active; the active one's live in
         # the BatchNorm modules themselves.
         self._stashed_bn_stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
 
-        targets = resolve_targets(model, config)
-        seed_base(model, config, targets)
-        for name in targets:
-            _replace_module(model, name, create_popup_layer(model.get_submodule(name)))
-        for name in config.modules_to_save or []:
-            _replace_module(model, name, ModulesToSaveWrapper(model.get_submodule(name)))
+        if targets is not None:
+            check_stored_targets(model, targets, "the artifact")
+        #: the masked tensors, in the plain model's module order
+        self.targets: list[MaskTarget] = targets or resolve_targets(model, config)
+        #: the share of the model's matrix weights that the masks cover
+        self.coverage: Coverage = matrix_coverage(model, self.targets, config.modules_to_save or [])
+        if targets is None and config.target_modules is None and config.exclude_modules is None:
+            warn_unmasked(self.coverage)
+        seed_base(model, config, (target.parameter_path for target in self.targets))
+        _inject(model, self.targets, config.modules_to_save or [])
         self._add_scores(adapter_name, config, draw_scores)
         self.set_adapter(adapter_name)
 
@@ -168,13 +169,20 @@ class PopupModel(nn.Module):
 
     # -- inspection
     def popup_layers(self) -> Iterator[tuple[str, PopupLayer]]:
-        """``(name in the plain model, layer)`` for every masked layer."""
+        """``(name, layer)`` for every masked tensor, named as :attr:`MaskTarget.key`: the
+        plain model's module name for a layer's ``weight``, ``module.parameter`` otherwise (an
+        expert bank). A module reachable under several names appears once."""
+        for target, layer in self._masked_layers():
+            yield target.key, layer
+
+    def _masked_layers(self) -> Iterator[tuple[MaskTarget, PopupLayer]]:
         for name, module in self.base_model.named_modules():
             if isinstance(module, PopupLayer):
-                yield base_name(name), module
+                yield MaskTarget(base_name(name), module.parameter_name), module
 
     def get_masks(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """``{module name: bool mask like its weight}`` for ``adapter_name`` (default: active)."""
+        """``{tensor name: bool mask like it}`` for ``adapter_name`` (default: active), named
+        as :meth:`popup_layers` names them."""
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
         with torch.no_grad():
@@ -186,11 +194,13 @@ class PopupModel(nn.Module):
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
-        """Print PEFT's one-line summary of trainable and total parameters."""
+        """Print PEFT's one-line summary of trainable and total parameters, and the share of
+        the model's matrix weights that the masks cover."""
         trainable, total = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f}"
+            f"trainable%: {100 * trainable / total:.4f} || "
+            f"masked matrix weights%: {100 * self.coverage.share:.2f}"
         )
 
     def base_state(self) -> dict[str, torch.Tensor]:
@@ -204,7 +214,7 @@ class PopupModel(nn.Module):
                 continue
             plain = base_name(name)
             if (
-                not _inside(plain.rsplit(".", 1)[0], stored)
+                not is_inside(plain.rsplit(".", 1)[0], stored)
                 and plain.rsplit(".", 1)[-1] not in _BATCHNORM_STATS
             ):
                 state[plain] = tensor.detach()
@@ -231,7 +241,7 @@ class PopupModel(nn.Module):
         return [
             (base_name(n), m)
             for n, m in self.base_model.named_modules()
-            if ".modules_to_save." not in n and not _inside(base_name(n), saved)
+            if ".modules_to_save." not in n and not is_inside(base_name(n), saved)
         ]
 
     def trained_state(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -319,13 +329,19 @@ class PopupModel(nn.Module):
         revision: str | None = None,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        base_model_name_or_path: str | os.PathLike | None = None,
+        check_structure: bool = True,
         **hub_kwargs,
     ) -> PopupModel:
         """Load a mask from a folder or a Hub repo onto its base.
 
-        Without ``model`` the base architecture is rebuilt from the artifact's spec. Either way
-        the base is regenerated from the seed and its fingerprint checked
-        (:class:`~popup_adapter.BaseMismatchError` if it differs), then the mask is applied.
+        Without ``model`` the base architecture is rebuilt from the artifact's spec (an
+        ``init="keep"`` transformers base is loaded from the pretrained source it records, or
+        from ``base_model_name_or_path``). Either way the base is regenerated from the seed, its
+        structure and its weight fingerprint are checked
+        (:class:`~popup_adapter.BaseMismatchError` names what differs), then the mask is
+        applied. ``check_structure=False`` skips the structure check alone (for an artifact
+        saved with another timm/transformers version, once you have checked the outputs).
         ``hub_kwargs`` (``token``, ``cache_dir``, ``local_files_only``) go to the download.
         """
         from .artifact import read_artifact
@@ -333,9 +349,22 @@ class PopupModel(nn.Module):
 
         artifact = read_artifact(artifact_folder(path_or_repo_id, revision=revision, **hub_kwargs))
         if model is None:
-            model = build_base(artifact.base_spec, pretrained=artifact.config.init == "keep")
-        popup = cls(model, artifact.config, adapter_name, draw_scores=False)
-        artifact.load_into(popup, adapter_name)
+            model = build_base(
+                artifact.base_spec,
+                pretrained=artifact.config.init == "keep",
+                pretrained_source=base_model_name_or_path,
+            )
+        if check_structure:  # before adapting: its message says more than a missing layer's
+            artifact.check_structure(describe_structure(model))
+        popup = cls(
+            model,
+            artifact.config,
+            adapter_name,
+            draw_scores=False,
+            base_kwargs=artifact.base_spec.get("base_kwargs"),
+            targets=artifact.targets,
+        )
+        artifact.load_into(popup, adapter_name, check_structure=False)
         popup.set_trainable(is_trainable)
         return popup
 
@@ -352,6 +381,12 @@ class PopupModel(nn.Module):
         from .hub import artifact_folder
 
         artifact = read_artifact(artifact_folder(path_or_repo_id, revision=revision, **hub_kwargs))
+        if artifact.targets != self.targets:
+            raise BaseMismatchError(
+                f"{path_or_repo_id} masks other tensors than the adapters on this backbone "
+                f"({len(artifact.targets)} against {len(self.targets)}); load it with "
+                "PopupModel.from_pretrained instead"
+            )
         self.add_adapter(adapter_name, artifact.config, draw_scores=False)
         try:
             artifact.load_into(self, adapter_name)
@@ -390,9 +425,12 @@ class PopupModel(nn.Module):
                 f"this backbone's ({first.base_defining()}); masks over one backbone must share "
                 "init, seed, scale_fan and the norm policy"
             )
-        masked = {name for name, _ in self.popup_layers()}
-        wanted = set(resolve_targets(self.unload_view(), config))
-        if wanted != masked or (config.modules_to_save or []) != (first.modules_to_save or []):
+        with warnings.catch_warnings():  # the first adapter's resolution warned already
+            warnings.simplefilter("ignore")
+            wanted = resolve_targets(self.unload_view(), config)
+        if wanted != self.targets or (config.modules_to_save or []) != (
+            first.modules_to_save or []
+        ):
             raise ValueError(
                 f"adapter {adapter_name!r} must mask the same layers and save the "
                 "same modules as the others on this backbone"
@@ -482,14 +520,15 @@ class PopupModel(nn.Module):
         told (``tie_word_embeddings = False``) so that saving and reloading it keeps them apart.
         """
         tied = _tied_parameter_ids(self.base_model)
-        untied = False
-        for name, module in list(self.base_model.named_modules()):
-            if isinstance(module, PopupLayer):
-                untied |= id(module.weight) in tied
-                merged = module.merged_base_layer(self.active_adapter)
-                _replace_module(self.base_model, name, merged)
-            elif isinstance(module, ModulesToSaveWrapper):
-                _replace_module(self.base_model, name, module.modules_to_save[self.active_adapter])
+        untied = any(id(layer.base_weight) in tied for _, layer in self._masked_layers())
+        adapter = self.active_adapter
+        self._replace_wrappers(
+            lambda module: (
+                module.merged_base_layer(adapter)
+                if isinstance(module, PopupLayer)
+                else module.modules_to_save[adapter]
+            )
+        )
         config = getattr(self.base_model, "config", None)
         if untied and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
@@ -497,29 +536,46 @@ class PopupModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """The plain model with the original layers back, masks dropped (the dense base)."""
-        for name, module in list(self.base_model.named_modules()):
-            if isinstance(module, PopupLayer):
-                _replace_module(self.base_model, name, module.base_layer)
-            elif isinstance(module, ModulesToSaveWrapper):
-                _replace_module(self.base_model, name, module.original_module)
+        self._replace_wrappers(
+            lambda module: (
+                module.unloaded_base_layer()
+                if isinstance(module, PopupLayer)
+                else module.original_module
+            )
+        )
         return self.base_model
+
+    def _replace_wrappers(self, replacement) -> None:
+        """Put ``replacement(wrapper)`` wherever a wrapper is used (under every name of a shared
+        one, computed once), the deepest first, so that nested wrappers are gone before their
+        parents' turn."""
+        uses = [
+            (name, module)
+            for name, module in self.base_model.named_modules(remove_duplicate=False)
+            if isinstance(module, (PopupLayer, ModulesToSaveWrapper))
+        ]
+        done: dict[int, nn.Module] = {}
+        for name, module in sorted(uses, key=lambda use: -use[0].count(".")):
+            if id(module) not in done:
+                done[id(module)] = replacement(module)
+            _replace_module(self.base_model, name, done[id(module)])
 
     def unload_view(self) -> nn.Module:
         """A shallow view of the plain model's module tree (wrappers replaced), for matching."""
-        view = copy.copy(self.base_model)
-        return _unwrapped_tree(view)
+        return _unwrapped_tree(self.base_model, {})
 
     # -- internals
     def _add_scores(self, adapter_name: str, config: PopupConfig, draw_scores: bool) -> None:
         self.peft_config[adapter_name] = config
-        for name, layer in self.popup_layers():
+        for target, layer in self._masked_layers():
+            weight = layer.base_weight
             if not draw_scores:
-                scores = torch.zeros(layer.weight.shape)
+                scores = torch.zeros(weight.shape)
             elif config.score_init == "magnitude":
-                scores = layer.weight.detach().abs().float().clone()
+                scores = weight.detach().abs().float().clone()
             else:
                 scores = score_values(
-                    config.seed, f"{name}.weight", layer.weight.shape, layer.fan_in
+                    config.seed, target.parameter_path, weight.shape, layer.fan_in
                 )
             layer.update_layer(adapter_name, config.k, scores)
         for module in self.base_model.modules():
@@ -547,137 +603,6 @@ class PopupModel(nn.Module):
             )
 
 
-def resolve_targets(model: nn.Module, config: PopupConfig) -> list[str]:
-    """Names of the modules ``config`` masks, checked: every target exists and can be masked."""
-    modules = [(name, module) for name, module in model.named_modules() if name]
-    names = [name for name, _ in modules]
-    mha_children = {
-        f"{parent}.{child}" if parent else child
-        for parent, module in model.named_modules()
-        if isinstance(module, nn.MultiheadAttention)
-        for child, _ in module.named_children()
-    }
-    saved = list(config.modules_to_save or [])
-    for root in saved:
-        if root not in names:
-            raise TargetModulesError(
-                f"modules_to_save entry {root!r} is not a module of this "
-                f"model{_close_names(root, names)}"
-            )
-    if config.target_modules is None:
-        targets = []
-        for name, module in modules:
-            if popup_layer_class(module, config.mask_embeddings) is None:
-                continue
-            if name in mha_children:
-                warnings.warn(
-                    f"{name} is not masked: nn.MultiheadAttention reads its projection "
-                    "weights directly, bypassing the layer",
-                    stacklevel=3,
-                )
-                continue
-            targets.append(name)
-    else:
-        targets = [name for name, _ in modules if module_matches(name, config.target_modules)]
-        _check_every_selector_matches(config.target_modules, names, "target_modules")
-        for name in targets:
-            module = model.get_submodule(name)
-            if popup_layer_class(module) is None or name in mha_children:
-                raise TargetModulesError(
-                    f"target {name!r} is a {type(module).__name__}, which cannot be masked: "
-                    "supported are nn.Linear, nn.Conv1d/2d/3d, transformers Conv1D and "
-                    "nn.Embedding (not inside nn.MultiheadAttention). Name its Linear/Conv "
-                    "children instead."
-                )
-    if config.exclude_modules is not None:
-        _check_every_selector_matches(config.exclude_modules, names, "exclude_modules")
-        targets = [n for n in targets if not module_matches(n, config.exclude_modules)]
-    targets = [n for n in targets if not _inside(n, saved)]
-    if not targets:
-        raise TargetModulesError(
-            "no layer is left to mask after exclude_modules and modules_to_save; loosen them"
-        )
-    return targets
-
-
-def _check_every_selector_matches(selector: str | list[str], names: list[str], what: str) -> None:
-    entries = [selector] if isinstance(selector, str) else selector
-    for entry in entries:
-        if not any(
-            module_matches(n, [entry] if isinstance(selector, list) else selector) for n in names
-        ):
-            raise TargetModulesError(
-                f"{what} entry {entry!r} matches no module of this model"
-                f"{_close_names(entry, names)}"
-            )
-
-
-def _close_names(wanted: str, names: list[str]) -> str:
-    candidates = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})
-    close = difflib.get_close_matches(wanted, candidates, n=5, cutoff=0.5)
-    return f"; close names: {', '.join(close)}" if close else ""
-
-
-def seed_base(model: nn.Module, config: PopupConfig, targets: list[str]) -> None:
-    """Set every parameter of ``model`` from ``(config.seed, its name)`` and freeze the base.
-
-    Rules, per tensor (a tied tensor is set once, under the first of its names in sorted
-    order): a weight of a Linear/Conv/Conv1D layer (or of a masked Embedding) is drawn by
-    ``config.init`` with that layer's fan-in (times k for a masked layer with ``scale_fan``);
-    norms become identity (weight 1, bias 0); other biases become 0; a tensor the constructor
-    left constant (e.g. layer-scale ``gamma``) stays as it is; every other tensor (embeddings,
-    position embeddings, class tokens) is drawn from N(0, s^2), s the model config's
-    ``initializer_range`` or 0.02. BatchNorm running statistics are reset. With
-    ``init="keep"`` only ``reseed_modules`` are drawn (their layer weights signed-constant).
-    """
-    masked = set(targets)
-    std = getattr(getattr(model, "config", None), "initializer_range", _DEFAULT_EMBEDDING_STD)
-    layer_init = "signed_constant" if config.init == "keep" else config.init
-    owners: dict[int, list[tuple[str, nn.Module, str]]] = defaultdict(list)
-    params: dict[int, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
-        for leaf, param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{leaf}" if module_name else leaf
-            owners[id(param)].append((full, module, leaf))
-            params[id(param)] = param
-    reseeded = config.reseed_modules or []
-    with torch.no_grad():
-        for pid, users in owners.items():
-            param = params[pid]
-            param.requires_grad_(False)
-            name, module, leaf = min(users, key=lambda user: user[0])
-            if config.init == "keep" and not _inside(name, reseeded):
-                continue
-            layer_users = [
-                (full, mod)
-                for full, mod, lf in users
-                if lf == "weight"
-                and (
-                    full.rsplit(".", 1)[0] in masked
-                    or popup_layer_class(mod, include_embeddings=False) is not None
-                )
-            ]
-            if layer_users:
-                layer_name, layer_module = min(layer_users, key=lambda user: user[0])
-                fan_in = popup_layer_class(layer_module).weight_fan_in(param)
-                if config.scale_fan and layer_name.rsplit(".", 1)[0] in masked:
-                    fan_in *= config.k
-                value = init_values(layer_init, config.seed, name, param.shape, fan_in)
-            elif is_norm_module(module):
-                value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
-            elif leaf == "bias":
-                value = torch.zeros(param.shape)
-            elif param.numel() == 1 or bool((param == param.flatten()[0]).all()):
-                continue
-            else:
-                value = normal_values(config.seed, name, param.shape, std)
-            param.copy_(value.to(param.dtype))
-        if config.init != "keep":
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.reset_running_stats()
-
-
 def _fresh_stats(bn: nn.Module) -> dict[str, torch.Tensor]:
     return {
         "running_mean": torch.zeros_like(bn.running_mean),
@@ -686,28 +611,51 @@ def _fresh_stats(bn: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _inject(model: nn.Module, targets: list[MaskTarget], saved: list[str]) -> None:
+    """Wrap every target's module (one wrapper per module, nesting a wrapper per masked
+    parameter) and every saved module, under every name the module has. The wrappers are made
+    on the plain tree first, then put in place the deepest first, so that each parent is still
+    the plain module when its child is replaced."""
+    parameters: dict[str, list[str]] = defaultdict(list)
+    for target in targets:
+        parameters[target.module].append(target.parameter)
+    wrappers = {
+        name: create_popup_layer(model.get_submodule(name), names)
+        for name, names in parameters.items()
+    }
+    wrappers.update({name: ModulesToSaveWrapper(model.get_submodule(name)) for name in saved})
+    aliases = module_aliases(model)
+    uses = [(alias, wrapper) for name, wrapper in wrappers.items() for alias in aliases[name]]
+    for alias, wrapper in sorted(uses, key=lambda use: -use[0].count(".")):
+        _replace_module(model, alias, wrapper)
+
+
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 def _tied_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters held by more than one module (a module used under several names counts
+    once)."""
     seen: dict[int, int] = defaultdict(int)
-    for _, module in model.named_modules(remove_duplicate=False):
+    for _, module in model.named_modules():
         for _, param in module.named_parameters(recurse=False):
             seen[id(param)] += 1
     return {pid for pid, count in seen.items() if count > 1}
 
 
-def _unwrapped_tree(module: nn.Module) -> nn.Module:
-    """Replace wrappers by what they wrap, in a copied module tree (parameters shared)."""
-    module = copy.copy(module)
-    module._modules = dict(module._modules)
-    for child_name, child in module._modules.items():
-        if isinstance(child, PopupLayer):
-            module._modules[child_name] = child.base_layer
-        elif isinstance(child, ModulesToSaveWrapper):
-            module._modules[child_name] = child.original_module
-        elif child is not None:
-            module._modules[child_name] = _unwrapped_tree(child)
-    return module
+def _unwrapped_tree(module: nn.Module, copies: dict[int, nn.Module]) -> nn.Module:
+    """Replace wrappers by what they wrap, in a copied module tree (parameters shared; a module
+    used under several names stays one module)."""
+    if isinstance(module, PopupLayer):
+        module = module.unloaded_base_layer()
+    elif isinstance(module, ModulesToSaveWrapper):
+        module = module.original_module
+    if id(module) not in copies:
+        view = copies[id(module)] = copy.copy(module)
+        view._modules = {
+            name: None if child is None else _unwrapped_tree(child, copies)
+            for name, child in module._modules.items()
+        }
+    return copies[id(module)]

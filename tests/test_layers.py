@@ -68,7 +68,7 @@ def test_fan_in_per_layer_kind():
 
 
 def test_unsupported_module_is_refused():
-    with pytest.raises(TypeError, match="cannot mask a LayerNorm"):
+    with pytest.raises(TypeError, match="cannot mask weight of a LayerNorm: normalisation layers"):
         create_popup_layer(nn.LayerNorm(4))
 
 

@@ -94,7 +94,7 @@ def test_signed_constant_values_and_scale_fan():
     from popup_adapter.models import create_conv_net
 
     model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.25, scale_fan=True)
-    weight = model.base_model.features[0].weight  # conv 1 -> 16, 3x3: fan_in 9
+    weight = model.base_model.features[0].base_weight  # conv 1 -> 16, 3x3: fan_in 9
     assert torch.allclose(weight.abs(), torch.full_like(weight, (2 / (9 * 0.25)) ** 0.5))
     assert 0.35 < (weight > 0).float().mean() < 0.65
 
@@ -106,7 +106,7 @@ def test_print_and_count_trainable_parameters(capsys, small_convnet):
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == (
         f"trainable params: {total_weights:,d} || all params: {2 * total_weights:,d} || "
-        "trainable%: 50.0000"
+        "trainable%: 50.0000 || masked matrix weights%: 100.00"
     )
 
 
@@ -130,7 +130,9 @@ def test_target_errors_name_the_problem():
     make, _ = MODELS["bert"]
     with pytest.raises(TargetModulesError, match=r"'qurey' matches no module.*query"):
         get_popup_model(make(), target_modules=["qurey"])
-    with pytest.raises(TargetModulesError, match="attention' is a BertAttention, which cannot be"):
+    with pytest.raises(
+        TargetModulesError, match="attention' is a BertAttention, which has no weight of its own"
+    ):
         get_popup_model(make(), target_modules=["attention"])
     with pytest.raises(TargetModulesError, match=r"modules_to_save entry 'classifer'.*classifier"):
         get_popup_model(make(), modules_to_save=["classifer"])
@@ -157,7 +159,11 @@ def test_tied_gpt2_head():
     model = get_popup_model(make(), k=0.5)
     gpt2 = model.base_model
     # the head is masked, the embedding lookup is not, and they still share one tensor
-    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    assert gpt2.lm_head.base_layer.weight is gpt2.transformer.wte.weight
+    # code reading the head's weight reads what the head computes with: W * M
+    assert torch.equal(
+        gpt2.lm_head.weight, gpt2.transformer.wte.weight * model.get_masks()["lm_head"]
+    )
     assert "lm_head" in dict(model.popup_layers())
     constant = (2 / 32) ** 0.5  # drawn once, as a layer weight (fan_in = n_embd)
     assert torch.allclose(gpt2.transformer.wte.weight.abs(), torch.full((100, 32), constant))
@@ -232,14 +238,38 @@ def test_train_norms_option():
     assert "norm.weight" not in model.base_state()
 
 
-def test_nn_multihead_attention_projection_is_not_silently_masked():
+def test_nn_multihead_attention_is_masked_through_its_own_forward():
+    """nn.MultiheadAttention reads its projections as tensors: its in_proj_weight is masked by
+    swapping W * M in, its out_proj (a Linear) by reading W * M from the wrapper."""
     model = nn.Sequential(nn.Linear(8, 8))
-    model.add_module("attn", nn.MultiheadAttention(8, 2))
-    with pytest.warns(UserWarning, match="attn.out_proj is not masked"):
-        adapted = get_popup_model(model)
-    assert set(dict(adapted.popup_layers())) == {"0"}
-    with pytest.raises(TargetModulesError, match="cannot be masked"):
-        get_popup_model(nn.Sequential(nn.MultiheadAttention(8, 2)), target_modules=["out_proj"])
+    model.add_module("attn", nn.MultiheadAttention(8, 2, batch_first=True))
+    adapted = get_popup_model(_AttentionNet(model), k=0.5)
+    assert set(dict(adapted.popup_layers())) == {
+        "net.0",
+        "net.attn.in_proj_weight",
+        "net.attn.out_proj",
+    }
+    x = torch.randn(2, 5, 8)
+    adapted(x).square().sum().backward()
+    for name, layer in adapted.popup_layers():
+        grad = layer.popup_scores["default"].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    adapted.eval()
+    with torch.no_grad():
+        masked = adapted(x)
+        with adapted.disable_adapter():
+            assert not torch.allclose(adapted(x), masked)
+        assert torch.equal(adapted.merge_and_unload()(x), masked)
+
+
+class _AttentionNet(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        h = self.net[0](x)
+        return self.net.attn(h, h, h, need_weights=False)[0]
 
 
 def test_torch_compile_full_graph_matches_eager(small_convnet):

@@ -92,4 +92,4 @@ def test_layer_masks_stay_exact_while_training():
             trained_mask = layer.effective_weight() != 0  # grad enabled: the stateful path
             expected = full_sort_mask(layer.popup_scores["default"], layer.popup_kept["default"])
             assert torch.equal(trained_mask, expected)
-            assert layer.popup_selection["default"].threshold is not None
+            assert layer.popup_selection["default"][0].threshold is not None

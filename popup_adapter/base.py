@@ -1,0 +1,271 @@
+"""The frozen base: which tensor gets which value, and what identifies a base (two fingerprints).
+
+- :func:`seed_base` sets every parameter from ``(seed, its name)``: layer weights by the init with
+  their fan-in (:func:`masked_fan_in`), norms to identity, biases to zero, the rest small
+  normals; with ``init="keep"`` it leaves a pretrained base alone.
+- The *weight* fingerprint (``PopupModel.base_fingerprint``) hashes those values.
+- The *structure* (:func:`describe_structure`) describes what computes with them: the module
+  tree, each module's class and the settings that change its outputs in eval mode, parameter
+  shapes and tying. Two networks can hold the same parameters and compute different functions
+  (timm's ``act_layer="gelu"``, ``output_stride=16``); the structure tells them apart, and says
+  where they first differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from enum import Enum
+
+import torch
+from torch import nn
+
+from .config import PopupConfig
+from .seeding import init_values, normal_values
+
+_NORM_CLASS_NAME = re.compile(r"(Batch|Layer|Group|Instance|RMS)Norm")
+_NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+)
+_DEFAULT_EMBEDDING_STD = 0.02
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Normalisation layers: torch's, and any class named like one (timm, transformers)."""
+    return isinstance(module, _NORM_TYPES) or bool(_NORM_CLASS_NAME.search(type(module).__name__))
+
+
+def transformers_conv1d() -> type | None:
+    """transformers' ``Conv1D`` if transformers is loaded; never imports it ourselves."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """A Linear, Conv1d/2d/3d or transformers ``Conv1D`` (subclasses included): the layers whose
+    ``weight`` the init draws with the layer's fan-in even where it is not masked."""
+    conv1d = transformers_conv1d()
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
+        conv1d is not None and isinstance(module, conv1d)
+    )
+
+
+def is_expert_bank(module: nn.Module, tensor: torch.Tensor) -> bool:
+    """A fused mixture-of-experts parameter: one matrix per expert stacked along dim 0
+    (transformers' ``*Experts`` modules, ``num_experts`` of them)."""
+    experts = getattr(module, "num_experts", None)
+    return isinstance(experts, int) and tensor.ndim >= 3 and tensor.shape[0] == experts
+
+
+def masked_fan_in(module: nn.Module, tensor: torch.Tensor) -> int:
+    """Inputs feeding one output unit, as Kaiming's init counts them: torch's convention
+    ``prod(shape[1:])``; per expert for an expert bank (whose matrices are stored ``(out, in)``,
+    or ``(in, out)`` where the module says ``is_transposed``); the first dimension for
+    transformers' ``Conv1D``, which stores ``(in, out)``."""
+    shape = tuple(tensor.shape)
+    conv1d = transformers_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
+        return shape[0]
+    if is_expert_bank(module, tensor):
+        shape = shape[1:]
+        if getattr(module, "is_transposed", False):
+            return shape[0]
+    return math.prod(shape[1:])
+
+
+def is_inside(name: str, roots: Iterable[str]) -> bool:
+    """Whether ``name`` is one of the module names ``roots`` or inside one of them."""
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def seed_base(model: nn.Module, config: PopupConfig, masked: Iterable[str]) -> None:
+    """Set every parameter of ``model`` from ``(config.seed, its name)`` and freeze the base.
+
+    ``masked`` names the masked parameters (``"layer1.0.conv1.weight"``). Rules, per tensor (a
+    tied tensor is set once, under the first of its names in sorted order): a masked tensor, and
+    the weight of a Linear/Conv/Conv1D layer, is drawn by ``config.init`` with its fan-in (times
+    k for a masked tensor with ``scale_fan``); norms become identity (weight 1, bias 0); other
+    biases become 0; a tensor the constructor left constant (e.g. layer-scale ``gamma``) stays as
+    it is; every other tensor (embeddings, position embeddings, class tokens) is drawn from
+    N(0, s^2), s the model config's ``initializer_range`` or 0.02. BatchNorm running statistics
+    are reset. With ``init="keep"`` only ``reseed_modules`` are drawn (their layer weights
+    signed-constant).
+    """
+    masked = set(masked)
+    std = getattr(getattr(model, "config", None), "initializer_range", _DEFAULT_EMBEDDING_STD)
+    layer_init = "signed_constant" if config.init == "keep" else config.init
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = defaultdict(list)
+    params: dict[int, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{leaf}" if module_name else leaf
+            owners[id(param)].append((full, module, leaf))
+            params[id(param)] = param
+    reseeded = config.reseed_modules or []
+    with torch.no_grad():
+        for pid, users in owners.items():
+            param = params[pid]
+            param.requires_grad_(False)
+            name, module, leaf = min(users, key=lambda user: user[0])
+            if config.init == "keep" and not is_inside(name, reseeded):
+                continue
+            layer_users = [
+                (full, mod)
+                for full, mod, lf in users
+                if full in masked or (lf == "weight" and is_weight_layer(mod))
+            ]
+            if layer_users:
+                layer_name, layer_module = min(layer_users, key=lambda user: user[0])
+                fan_in = masked_fan_in(layer_module, param)
+                if config.scale_fan and layer_name in masked:
+                    fan_in *= config.k
+                value = init_values(layer_init, config.seed, name, param.shape, fan_in)
+            elif is_norm_module(module):
+                value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
+            elif leaf == "bias":
+                value = torch.zeros(param.shape)
+            elif param.numel() == 1 or bool((param == param.flatten()[0]).all()):
+                continue
+            else:
+                value = normal_values(config.seed, name, param.shape, std)
+            param.copy_(value.to(param.dtype))
+        if config.init != "keep":
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
+
+
+# -- the structure of a base
+
+#: module attributes that do not change what a module computes in eval mode (the structure
+#: leaves them out, so that e.g. turning on gradient checkpointing does not make a base
+#: "another one"); besides these, private names and dropout rates (``*drop*``) are left out
+_NOT_STRUCTURE = frozenset(
+    {
+        "training",
+        "inplace",
+        "momentum",
+        "grad_checkpointing",
+        "gradient_checkpointing",
+        "fused_attn",
+        "pretrained_cfg",
+        "default_cfg",
+        "pretrained_cfg_overlay",
+        "config",
+        "name_or_path",
+    }
+)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _tensor_text(tensor: torch.Tensor, with_values: bool) -> str:
+    text = f"{list(tensor.shape)}:{str(tensor.dtype).removeprefix('torch.')}"
+    if with_values and tensor.device.type != "meta":
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        text += f":{_digest(flat.view(torch.uint8).numpy().tobytes())}"
+    return text
+
+
+def _value_text(value) -> str | None:
+    """A setting's value as text, or None for what is not a setting (objects, modules)."""
+    if value is None or isinstance(value, (bool, str)):
+        return repr(value)
+    if isinstance(value, Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, numbers.Number):
+        return repr(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return _tensor_text(value, with_values=True)
+    if isinstance(value, (list, tuple)):
+        items = [_value_text(item) for item in value]
+        return None if None in items else "(" + ", ".join(items) + ")"
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        items = {key: _value_text(item) for key, item in sorted(value.items())}
+        if None in items.values():
+            return None
+        return "{" + ", ".join(f"{key}: {text}" for key, text in items.items()) + "}"
+    if callable(value) and hasattr(value, "__qualname__"):  # an activation function, a class
+        return value.__qualname__
+    return None
+
+
+def _module_text(module: nn.Module, tensor_names: dict[int, str], name: str) -> str:
+    settings = []
+    for key, value in sorted(vars(module).items()):
+        if key.startswith("_") or key in _NOT_STRUCTURE or "drop" in key:
+            continue
+        if isinstance(value, (nn.Module, nn.Parameter)):
+            continue
+        text = _value_text(value)
+        if text is not None:
+            settings.append(f"{key}={text}")
+    tensors = []
+    for key, param in module._parameters.items():
+        if param is None:
+            continue
+        full = f"{name}.{key}" if name else key
+        tied = tensor_names.setdefault(id(param), full)
+        tensors.append(f"{key}={_tensor_text(param, False)}" + ("" if tied == full else f"~{tied}"))
+    persistent = {k for k in module._buffers if k not in module._non_persistent_buffers_set}
+    for key, buffer in module._buffers.items():
+        if buffer is not None:
+            # a persistent buffer's values are weights (fingerprinted) or trained (stored); a
+            # non-persistent one (rotary frequencies, position ids) is computed from settings
+            tensors.append(f"{key}={_tensor_text(buffer, key not in persistent)}")
+    text = f"{type(module).__qualname__}({', '.join(settings)})"
+    return text + (f" [{', '.join(tensors)}]" if tensors else "")
+
+
+def describe_structure(model: nn.Module) -> dict[str, str]:
+    """``{module name: description}`` of a plain model, in module order (the root is ``""``):
+    each module's class, settings (what changes its eval-mode outputs), parameter shapes and
+    dtypes (``~name`` where a parameter is tied to an earlier one), buffers (with a digest of
+    the values of non-persistent ones) and, for a module reachable under several names, which
+    name it is an alias of."""
+    descriptions: dict[str, str] = {}
+    module_names: dict[int, str] = {}
+    tensor_names: dict[int, str] = {}
+
+    def visit(name: str, module: nn.Module) -> None:
+        if id(module) in module_names:
+            descriptions[name] = f"alias of {module_names[id(module)] or '<root>'}"
+            return
+        module_names[id(module)] = name
+        descriptions[name] = _module_text(module, tensor_names, name)
+        for child_name, child in module._modules.items():
+            if child is not None:
+                visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return descriptions
+
+
+def structure_fingerprint(structure: dict[str, str]) -> str:
+    """sha256 of a structure description (names, order and descriptions)."""
+    return hashlib.sha256(json.dumps(list(structure.items())).encode()).hexdigest()
+
+
+def first_difference(here: dict[str, str], there: dict[str, str]) -> tuple[str, str, str] | None:
+    """``(module name, its description here, there)`` where two structures first differ
+    (``"(none)"`` for a module one of them lacks), or None when they are the same."""
+    names = list(here) + [name for name in there if name not in here]
+    for name in names:
+        a, b = here.get(name, "(none)"), there.get(name, "(none)")
+        if a != b:
+            return name or "<root>", a, b
+    return None
