@@ -206,7 +206,7 @@ class Artifact:
         stored = self.meta.get("structure")
         if stored is None or structure_fingerprint(structure) == stored["fingerprint"]:
             return
-        name, here, there = first_difference(structure, stored["modules"]) or ("?", "?", "?")
+        difference = first_difference(structure, stored["modules"])
         spec = self.base_spec
         if spec.get("library") == "timm":
             fix = (
@@ -227,9 +227,7 @@ class Artifact:
             )
         raise BaseMismatchError(
             f"{self.folder / CONFIG_NAME}: the base built here is not the network the mask was "
-            f"trained on; their structures first differ at module {name!r}:\n"
-            f"  here:            {_shorten(here)}\n  in the artifact: {_shorten(there)}\n"
-            f"{fix}{versions}"
+            f"trained on; their structures first differ at {difference}\n{fix}{versions}"
         )
 
     def mask(self, name: str) -> torch.Tensor:
@@ -360,10 +358,6 @@ def artifact_summary(artifact: Artifact) -> dict[str, Any]:
         "state_bytes": state_bytes,
         "file_bytes": (artifact.folder / WEIGHTS_NAME).stat().st_size,
     }
-
-
-def _shorten(text: str, limit: int = 400) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _CARD_TEMPLATE = """---

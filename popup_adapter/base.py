@@ -204,8 +204,8 @@ def _value_text(value) -> str | None:
     return None
 
 
-def _module_text(module: nn.Module, tensor_names: dict[int, str], name: str) -> str:
-    settings = []
+def _module_entry(module: nn.Module, tensor_names: dict[int, str], name: str) -> dict:
+    settings = {}
     for key, value in sorted(vars(module).items()):
         if key.startswith("_") or key in _NOT_STRUCTURE or "drop" in key:
             continue
@@ -213,40 +213,38 @@ def _module_text(module: nn.Module, tensor_names: dict[int, str], name: str) -> 
             continue
         text = _value_text(value)
         if text is not None:
-            settings.append(f"{key}={text}")
-    tensors = []
+            settings[key] = text
+    tensors = {}
     for key, param in module._parameters.items():
-        if param is None:
-            continue
-        full = f"{name}.{key}" if name else key
-        tied = tensor_names.setdefault(id(param), full)
-        tensors.append(f"{key}={_tensor_text(param, False)}" + ("" if tied == full else f"~{tied}"))
-    persistent = {k for k in module._buffers if k not in module._non_persistent_buffers_set}
+        if param is not None:
+            full = f"{name}.{key}" if name else key
+            tied = tensor_names.setdefault(id(param), full)
+            tensors[key] = _tensor_text(param, False) + ("" if tied == full else f" tied to {tied}")
     for key, buffer in module._buffers.items():
         if buffer is not None:
             # a persistent buffer's values are weights (fingerprinted) or trained (stored); a
             # non-persistent one (rotary frequencies, position ids) is computed from settings
-            tensors.append(f"{key}={_tensor_text(buffer, key not in persistent)}")
-    text = f"{type(module).__qualname__}({', '.join(settings)})"
-    return text + (f" [{', '.join(tensors)}]" if tensors else "")
+            computed = key in module._non_persistent_buffers_set
+            tensors[key] = _tensor_text(buffer, with_values=computed)
+    return {"class": type(module).__qualname__, "settings": settings, "tensors": tensors}
 
 
-def describe_structure(model: nn.Module) -> dict[str, str]:
-    """``{module name: description}`` of a plain model, in module order (the root is ``""``):
-    each module's class, settings (what changes its eval-mode outputs), parameter shapes and
-    dtypes (``~name`` where a parameter is tied to an earlier one), buffers (with a digest of
-    the values of non-persistent ones) and, for a module reachable under several names, which
-    name it is an alias of."""
-    descriptions: dict[str, str] = {}
+def describe_structure(model: nn.Module) -> dict[str, dict]:
+    """``{module name: {class, settings, tensors}}`` of a plain model, in module order (the
+    root is ``""``): each module's class, its settings (what changes its eval-mode outputs), its
+    parameters' shapes and dtypes (and what a tied one is tied to), its buffers (with a digest
+    of the values of non-persistent ones); ``{"alias of": name}`` for a module reachable under
+    several names."""
+    descriptions: dict[str, dict] = {}
     module_names: dict[int, str] = {}
     tensor_names: dict[int, str] = {}
 
     def visit(name: str, module: nn.Module) -> None:
         if id(module) in module_names:
-            descriptions[name] = f"alias of {module_names[id(module)] or '<root>'}"
+            descriptions[name] = {"alias of": module_names[id(module)]}
             return
         module_names[id(module)] = name
-        descriptions[name] = _module_text(module, tensor_names, name)
+        descriptions[name] = _module_entry(module, tensor_names, name)
         for child_name, child in module._modules.items():
             if child is not None:
                 visit(f"{name}.{child_name}" if name else child_name, child)
@@ -260,12 +258,42 @@ def structure_fingerprint(structure: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(list(structure.items())).encode()).hexdigest()
 
 
-def first_difference(here: dict[str, str], there: dict[str, str]) -> tuple[str, str, str] | None:
-    """``(module name, its description here, there)`` where two structures first differ
-    (``"(none)"`` for a module one of them lacks), or None when they are the same."""
-    names = list(here) + [name for name in there if name not in here]
-    for name in names:
-        a, b = here.get(name, "(none)"), there.get(name, "(none)")
-        if a != b:
-            return name or "<root>", a, b
+def first_difference(here: dict[str, dict], there: dict[str, dict]) -> str | None:
+    """Where two structures first differ, in words: the module, its class, and each entry that
+    differs with both values; None when they are the same."""
+    for name in list(here) + [name for name in there if name not in here]:
+        a, b = here.get(name), there.get(name)
+        if a == b:
+            continue
+        where = f"module {name or '<root>'!r}"
+        if a is None or b is None:
+            return f"{where} exists {'only in the artifact' if a is None else 'only here'}"
+        if a.get("class") != b.get("class") or "alias of" in a or "alias of" in b:
+            return f"{where}: here {_brief(a)}, in the artifact {_brief(b)}"
+        lines = [f"{where} ({a['class']}):"]
+        for part in ("settings", "tensors"):
+            for key in list(a[part]) + [key for key in b[part] if key not in a[part]]:
+                mine, theirs = a[part].get(key, "(none)"), b[part].get(key, "(none)")
+                if mine != theirs:
+                    mine, theirs = _from_first_difference(mine, theirs)
+                    lines.append(f"  {key}: here {mine}, in the artifact {theirs}")
+        return "\n".join(lines)
     return None
+
+
+def _brief(entry: dict) -> str:
+    return f"alias of {entry['alias of']!r}" if "alias of" in entry else entry["class"]
+
+
+def _from_first_difference(a: str, b: str, context: int = 60) -> tuple[str, str]:
+    """Two long values cut to where they start to differ (with some context before)."""
+    start = next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+    start = max(0, start - context)
+
+    def cut(text: str) -> str:
+        text = ("..." if start else "") + text[start:]
+        return text if len(text) <= 3 * context else text[: 3 * context - 3] + "..."
+
+    return cut(a), cut(b)

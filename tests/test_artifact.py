@@ -258,7 +258,10 @@ def test_base_mismatch_from_other_constructor_arguments(tmp_path):
 
 def test_mask_of_the_wrong_shape(conv_artifact):
     wider = create_conv_net("conv2", width=0.5)
-    with pytest.raises(BaseMismatchError, match=r"structures first differ at module '<root>'"):
+    with pytest.raises(
+        BaseMismatchError,
+        match=r"structures first differ at module '<root>' \(ConvNet\):\n  spec: here .*width: 0.5",
+    ):
         PopupModel.from_pretrained(conv_artifact, model=wider)
     # without the structure check, the shapes still refuse it
     with pytest.raises(
