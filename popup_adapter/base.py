@@ -149,7 +149,8 @@ def seed_base(model: nn.Module, config: PopupConfig, masked: Iterable[str]) -> N
 
 #: module attributes that do not change what a module computes in eval mode (the structure
 #: leaves them out, so that e.g. turning on gradient checkpointing does not make a base
-#: "another one"); besides these, private names and dropout rates (``*drop*``) are left out
+#: "another one"); besides these, private names, dropout rates (``*drop*``), caches
+#: (``*cache*``, and any tensor held as a plain attribute) are left out
 _NOT_STRUCTURE = frozenset(
     {
         "training",
@@ -167,16 +168,8 @@ _NOT_STRUCTURE = frozenset(
 )
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _tensor_text(tensor: torch.Tensor, with_values: bool) -> str:
-    text = f"{list(tensor.shape)}:{str(tensor.dtype).removeprefix('torch.')}"
-    if with_values and tensor.device.type != "meta":
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        text += f":{_digest(flat.view(torch.uint8).numpy().tobytes())}"
-    return text
+def _tensor_text(tensor: torch.Tensor) -> str:
+    return f"{list(tensor.shape)}:{str(tensor.dtype).removeprefix('torch.')}"
 
 
 def _value_text(value) -> str | None:
@@ -189,8 +182,8 @@ def _value_text(value) -> str | None:
         return repr(value)
     if isinstance(value, torch.dtype):
         return str(value)
-    if isinstance(value, torch.Tensor):
-        return _tensor_text(value, with_values=True)
+    if isinstance(value, torch.Tensor):  # a cache or a copy of a buffer, not a setting
+        return None
     if isinstance(value, (list, tuple)):
         items = [_value_text(item) for item in value]
         return None if None in items else "(" + ", ".join(items) + ")"
@@ -207,7 +200,7 @@ def _value_text(value) -> str | None:
 def _module_entry(module: nn.Module, tensor_names: dict[int, str], name: str) -> dict:
     settings = {}
     for key, value in sorted(vars(module).items()):
-        if key.startswith("_") or key in _NOT_STRUCTURE or "drop" in key:
+        if key.startswith("_") or key in _NOT_STRUCTURE or "drop" in key or "cache" in key:
             continue
         if isinstance(value, (nn.Module, nn.Parameter)):
             continue
@@ -219,22 +212,51 @@ def _module_entry(module: nn.Module, tensor_names: dict[int, str], name: str) ->
         if param is not None:
             full = f"{name}.{key}" if name else key
             tied = tensor_names.setdefault(id(param), full)
-            tensors[key] = _tensor_text(param, False) + ("" if tied == full else f" tied to {tied}")
+            tensors[key] = _tensor_text(param) + ("" if tied == full else f" tied to {tied}")
     for key, buffer in module._buffers.items():
-        if buffer is not None:
-            # a persistent buffer's values are weights (fingerprinted) or trained (stored); a
-            # non-persistent one (rotary frequencies, position ids) is computed from settings
-            computed = key in module._non_persistent_buffers_set
-            tensors[key] = _tensor_text(buffer, with_values=computed)
+        if buffer is None:
+            continue
+        if key in module._non_persistent_buffers_set:
+            # computed from settings (rotary frequencies, position ids), or a cache that a
+            # forward fills in with the input's shape: its name and dtype only
+            tensors[key] = f"computed:{str(buffer.dtype).removeprefix('torch.')}"
+        else:  # values are weights (fingerprinted) or trained (stored)
+            tensors[key] = _tensor_text(buffer)
     return {"class": type(module).__qualname__, "settings": settings, "tensors": tensors}
+
+
+#: configuration keys that change no output: outputs requested, caching, initialisation (the
+#: weights are fingerprinted) and auxiliary losses
+_NOT_CONFIG_STRUCTURE = frozenset(
+    {"use_cache", "initializer_range", "output_router_logits", "router_aux_loss_coef"}
+)
+
+
+def _config_settings(config) -> dict:
+    """A transformers config's model-specific keys (those its base class does not have), the
+    ones that shape the network, recursively for sub-configs."""
+    base_class = next(c for c in reversed(type(config).__mro__) if hasattr(c, "to_dict"))
+    generic = set(base_class().to_dict())
+
+    def keep(data: dict) -> dict:
+        return {
+            key: keep(value) if isinstance(value, dict) else value
+            for key, value in sorted(data.items())
+            if key not in generic
+            and key not in _NOT_CONFIG_STRUCTURE
+            and not key.startswith("_")
+            and "drop" not in key
+        }
+
+    return keep(config.to_dict())
 
 
 def describe_structure(model: nn.Module) -> dict[str, dict]:
     """``{module name: {class, settings, tensors}}`` of a plain model, in module order (the
-    root is ``""``): each module's class, its settings (what changes its eval-mode outputs), its
-    parameters' shapes and dtypes (and what a tied one is tied to), its buffers (with a digest
-    of the values of non-persistent ones); ``{"alias of": name}`` for a module reachable under
-    several names."""
+    root is ``""``): each module's class, its settings (what changes its eval-mode outputs; for
+    a transformers model also its config's model-specific keys), its parameters' and buffers'
+    shapes and dtypes (and what a tied parameter is tied to); ``{"alias of": name}`` for a
+    module reachable under several names."""
     descriptions: dict[str, dict] = {}
     module_names: dict[int, str] = {}
     tensor_names: dict[int, str] = {}
@@ -250,6 +272,10 @@ def describe_structure(model: nn.Module) -> dict[str, dict]:
                 visit(f"{name}.{child_name}" if name else child_name, child)
 
     visit("", model)
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict") and hasattr(config, "model_type"):  # transformers: its config
+        settings = _config_settings(config)
+        descriptions[""]["settings"]["config"] = _value_text(settings) or repr(settings)
     return descriptions
 
 

@@ -69,7 +69,9 @@ def describe_base(model: nn.Module, base_kwargs: dict[str, Any] | None = None) -
     if module.startswith("timm.") and getattr(model, "pretrained_cfg", None):
         kwargs: dict[str, Any] = {"num_classes": model.num_classes}
         first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        if first_conv is not None:
+        if isinstance(getattr(model, "in_chans", None), int):  # the model says (a DCT stem...)
+            kwargs["in_chans"] = model.in_chans
+        elif first_conv is not None:
             kwargs["in_chans"] = first_conv.in_channels
         patch_embed = getattr(model, "patch_embed", None)
         if getattr(patch_embed, "img_size", None) is not None:

@@ -64,14 +64,16 @@ def module_matches(name: str, selector: str | list[str] | None) -> bool:
 
 
 def is_embedding_module(module: nn.Module) -> bool:
-    """``nn.Embedding`` and modules named like one (position embeddings of every kind)."""
-    return isinstance(module, nn.Embedding) or "Embedding" in type(module).__name__
+    """``nn.Embedding`` and modules named like one (position embeddings of every kind:
+    ``PosEmbedRel``, ``LearnedPositionalEmbedding``...)."""
+    return isinstance(module, nn.Embedding) or "Embed" in type(module).__name__
 
 
 def is_matrix_weight(module: nn.Module, leaf: str, tensor) -> bool:
     """A parameter that multiplies something: a layer's weight, or a tensor with two or more
     dimensions longer than 1 (not a per-channel gain shaped ``(C, 1, 1, 1)``), not in a norm,
-    not an embedding table, and not named as a position table, token, embedding or bias."""
+    not an embedding table, not named as a position table, token, embedding or bias, and not
+    constant (a layer-scale or gate that its constructor set to one value)."""
     if tensor is None:
         return False
     if is_weight_layer(module) and leaf == "weight":
@@ -81,6 +83,7 @@ def is_matrix_weight(module: nn.Module, leaf: str, tensor) -> bool:
         and not is_norm_module(module)
         and not is_embedding_module(module)
         and not _NOT_A_MATRIX.search(leaf)
+        and not (tensor.device.type != "meta" and bool((tensor == tensor.flatten()[0]).all()))
     )
 
 

@@ -76,14 +76,24 @@ def test_what_does_not_change_eval_outputs_is_not_structure():
     checkpointed.activation_checkpointing_enable()
     assert describe_structure(checkpointed) == describe_structure(plain)
     config = plain.config.to_dict()
-    for change, module in [
-        ({"rms_norm_eps": 1e-3}, "model.layers.0.input_layernorm"),
-        ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}, "model.rotary_emb"),
+    for change, where in [
+        ({"rms_norm_eps": 1e-3}, "rms_norm_eps: 0.001"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}, "rope_theta: 500.0"),
+        ({"hidden_act": "gelu"}, "hidden_act: 'gelu'"),
     ]:
         other = LlamaForCausalLM(LlamaConfig.from_dict({**config, **change}))
-        assert first_difference(describe_structure(other), describe_structure(plain)).startswith(
-            f"module {module!r}"
-        )
+        difference = first_difference(describe_structure(other), describe_structure(plain))
+        assert difference.startswith("module '<root>' (LlamaForCausalLM):\n  config: here"), change
+        assert where in difference
+    # a cache filled by a forward is not structure (convit's relative indices, efficientvit's
+    # attention biases)
+    import timm
+
+    for name, size in [("convit_tiny", 224), ("efficientvit_m0", 224)]:
+        used = timm.create_model(name, pretrained=False).eval()
+        with torch.no_grad():
+            used(torch.randn(1, 3, size, size))
+        assert describe_structure(used) == describe_structure(timm.create_model(name))
 
 
 def test_structure_is_the_same_in_another_process():

@@ -1,0 +1,85 @@
+"""A fixed sample of the conformance table (``python -m popup_adapter.zoo``), mixing timm families
+and transformers architectures: each adapted, trained a step, merged, saved, and reloaded without
+``model=`` in one fresh process."""
+
+import pytest
+
+from popup_adapter import zoo
+
+#: ``(timm family, its smallest variant)``, as ``zoo.timm_families()`` picks them
+TIMM_SAMPLE = [
+    ("byobnet", "mobileone_s1"),
+    ("convnext", "convnext_zepto_rms"),
+    ("edgenext", "edgenext_xx_small"),
+    ("efficientnet", "mobilenetv2_035"),
+    ("efficientvit_msra", "efficientvit_m0"),
+    ("ghostnet", "ghostnet_050"),
+    ("levit", "levit_128s"),
+    ("mobilenetv3", "mobilenetv3_small_050"),
+    ("mobilevit", "mobilevit_xxs"),
+    ("nfnet", "nf_regnet_b0"),
+    ("pvt_v2", "pvt_v2_b0"),
+    ("regnet", "regnetx_002"),
+    ("repghost", "repghostnet_050"),
+    ("resnet", "resnet10t"),
+    ("resnetv2", "resnetv2_18"),
+    ("vision_transformer", "vit_tiny_patch16_224"),
+]
+TRANSFORMERS_SAMPLE = [
+    "albert",
+    "bart",
+    "bert",
+    "clip",
+    "deberta-v2",
+    "distilbert",
+    "gemma2",
+    "gpt2",
+    "llama",
+    "mixtral",
+    "olmoe",
+    "qwen2-moe",
+    "swin",
+    "t5",
+    "vit",
+    "wav2vec2",
+    "whisper",
+]
+CASES = [f"timm:{family}:{model}" for family, model in TIMM_SAMPLE] + [
+    f"transformers:{name}" for name in TRANSFORMERS_SAMPLE
+]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    """Every sampled model checked here, then all reloaded in one fresh process."""
+    root = tmp_path_factory.mktemp("zoo")
+    checked = {}
+    for case_id in CASES:
+        folder = root / case_id.replace(":", "__")
+        folder.mkdir()
+        checked[case_id] = (zoo.check_model(zoo.case_by_id(case_id), folder), folder)
+    reloads = zoo.check_reload(
+        [folder for row, folder in checked.values() if row.result == "reload pending"]
+    )
+    return {
+        case_id: zoo.finish(row, reloads.get(str(folder)))
+        for case_id, (row, folder) in checked.items()
+    }
+
+
+def test_the_sample_mixes_at_least_30_models_of_both_libraries():
+    assert len(CASES) >= 30 and len(TIMM_SAMPLE) >= 15 and len(TRANSFORMERS_SAMPLE) >= 15
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_model_conforms(rows, case_id):
+    row = rows[case_id]
+    assert row.result == "pass", f"{row.note}\n{row.details.get('traceback', '')}"
+    assert row.masked_tensors > 0 and row.masked_share > 0.5
+
+
+def test_what_stays_unmasked_is_reported(rows):
+    """Wav2Vec2's positional convolution is weight-normalised: not masked, and said so."""
+    row = rows["transformers:wav2vec2"]
+    assert "not masked: wav2vec2.encoder.pos_conv_embed.conv" in row.note
+    assert row.masked_share < 1
