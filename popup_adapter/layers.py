@@ -104,7 +104,7 @@ class PopupLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            base = self.__dict__["_modules"].get("base_layer")
+            base = self.__dict__.get("_modules", {}).get("base_layer")
             if base is None or name == "base_layer":
                 raise
         if name == self.__dict__.get("parameter_name"):

@@ -7,7 +7,8 @@ A target is one parameter of one module (:class:`MaskTarget`). With ``target_mod
 - every fused expert bank of a mixture-of-experts block (transformers' ``*Experts`` modules:
   ``gate_up_proj``, ``down_proj``, ...), each expert's matrix with its own top-k;
 - any other module's own matrix parameter named ``weight`` or ``*_weight`` (a router,
-  ``nn.MultiheadAttention``'s ``in_proj_weight``), computed through that module's own forward.
+  ``nn.MultiheadAttention``'s ``in_proj_weight``) and the ``weight_*`` matrices of recurrent
+  layers (``nn.LSTM``, ``nn.GRU``), computed through that module's own forward.
 
 A module named in ``target_modules`` has all its own matrix parameters masked. A module reachable
 under several names is one target (found by any of its names) and is masked everywhere it is
@@ -31,7 +32,7 @@ from .layers import unmaskable_reason
 
 #: parameter names that say a rank >= 2 tensor is not a weight matrix: position tables, tokens,
 #: embeddings, biases
-_NOT_A_MATRIX = re.compile(r"embed|token|position|pos_|bias|table", re.IGNORECASE)
+_NOT_A_MATRIX = re.compile(r"embed|token|position|(^|_)pos(_|$)|bias|table", re.IGNORECASE)
 
 
 @dataclass(frozen=True, order=True)
@@ -94,12 +95,17 @@ def maskable_parameters(module: nn.Module, named: bool, mask_embeddings: bool) -
         return ["weight"]
     if is_norm_module(module) or is_embedding_module(module):
         return []
+    recurrent = isinstance(module, nn.RNNBase)  # weight_ih_l0, weight_hh_l0, ...
     return [
         leaf
         for leaf, tensor in module._parameters.items()
         if is_matrix_weight(module, leaf, tensor)
         and (
-            named or leaf == "weight" or leaf.endswith("_weight") or is_expert_bank(module, tensor)
+            named
+            or leaf == "weight"
+            or leaf.endswith("_weight")
+            or (recurrent and leaf.startswith("weight_"))
+            or is_expert_bank(module, tensor)
         )
     ]
 

@@ -261,10 +261,10 @@ def _check_fsdp_plugin(accelerator) -> None:
 def check_fsdp_units(model: nn.Module) -> None:
     """Refuse a sharding that splits a masked layer from its base layer.
 
-    A :class:`~popup_adapter.layers.PopupLayer` computes with its base layer's weight and bias
-    without calling the base layer (it substitutes ``W * M``), so FSDP's hooks on a base layer
-    wrapped as its own unit never gather it. Whole masked layers, or blocks of them, must be
-    the units.
+    A :class:`~popup_adapter.layers.PopupLayer` reads its base layer's weight to compute
+    ``W * M`` before the base layer runs (or without calling it, for the plain layers it
+    computes itself), so FSDP's hooks on a base layer wrapped as its own unit would gather that
+    weight too late, or never. Whole masked layers, or blocks of them, must be the units.
     """
     from .layers import PopupLayer
 

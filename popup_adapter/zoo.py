@@ -451,7 +451,9 @@ def _first_line(error: BaseException | None) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else ""
 
 
-def _forward(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def forward_output(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The main output tensor of ``model`` on ``inputs`` (``{"x": tensor}`` for a timm model,
+    keyword arguments for a transformers one)."""
     if set(inputs) == {"x"}:
         return output_tensor(model(inputs["x"]))
     return output_tensor(model(**inputs))
@@ -490,7 +492,7 @@ def check_model(case: Case, folder: Path) -> Row:
 
         # every score gets a finite gradient (a layer this forward does not use gets none)
         model.train()
-        _forward(model, inputs).float().square().mean().backward()
+        forward_output(model, inputs).float().square().mean().backward()
         unused = [n for n, layer in layers.items() if layer.popup_scores["default"].grad is None]
         grads = [layer.popup_scores["default"].grad for layer in layers.values()]
         grads = [g for g in grads if g is not None]
@@ -526,7 +528,7 @@ def check_model(case: Case, folder: Path) -> Row:
         # save, then masked == merged
         model.eval()
         with torch.no_grad():
-            masked = _forward(model, inputs)
+            masked = forward_output(model, inputs)
         model.save_pretrained(folder / "artifact")
         from safetensors.torch import save_file
 
@@ -536,7 +538,8 @@ def check_model(case: Case, folder: Path) -> Row:
         )
         merged = model.merge_and_unload()
         with torch.no_grad():
-            difference = (_forward(merged, inputs).float() - masked.float()).abs().max().item()
+            merged_output = forward_output(merged, inputs).float()
+        difference = (merged_output - masked.float()).abs().max().item()
         row.details["merged_max_abs_diff"] = difference
         if not difference <= 1e-5:
             raise AssertionError(f"masked and merged outputs differ by {difference:.3g}")
@@ -571,7 +574,7 @@ def reload_artifacts(folders: list[Path]) -> dict[str, str]:
                 warnings.simplefilter("ignore")
                 loaded = PopupModel.from_pretrained(folder / "artifact")
             with torch.no_grad():
-                out = _forward(loaded, inputs)
+                out = forward_output(loaded, inputs)
             same = torch.equal(out, io["output"])
             results[str(folder)] = "ok" if same else "reloaded outputs differ"
         except Exception as error:

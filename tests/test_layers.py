@@ -249,3 +249,18 @@ def test_parametrized_weights_are_refused_not_silently_wrong():
     assert said[0].startswith("1 is not masked: its weight is computed by a parametrization")
     assert "matrix weights (48 weights, 75.0% of the model's) are not masked" in said[1]
     assert set(dict(adapted.popup_layers())) == {"0"}
+
+
+def test_an_adapted_model_deep_copies():
+    """copy.deepcopy (EMA copies, DataParallel replicas) goes through the read-through."""
+    import copy
+
+    from popup_adapter import get_popup_model
+    from popup_adapter.models import create_conv_net
+
+    model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.5).eval()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+    assert twin.base_model.features[0].base_weight is not model.base_model.features[0].base_weight

@@ -115,3 +115,35 @@ def test_unmasked_matrix_weights_are_reported_and_can_be_targeted(capsys):
         assert torch.equal(whole.merge_and_unload()(x), masked)
     with pytest.raises(TargetModulesError, match="has no weight of its own"):
         get_popup_model(nn.Sequential(nn.ReLU(), nn.Linear(2, 2)), target_modules=["0"])
+
+
+def test_recurrent_layers_are_masked_through_their_own_forward():
+    """nn.LSTM computes from a flat list of its weights; swapping W * M in reaches it."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 6, num_layers=2, bidirectional=True, batch_first=True)
+            self.out = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0])
+
+    model = get_popup_model(Tagger(), k=0.5)
+    assert model.coverage.share == 1.0
+    assert {n for n in model.get_masks() if n.startswith("rnn.")} == {
+        f"rnn.weight_{kind}_l{layer}{direction}"
+        for kind in ("ih", "hh")
+        for layer in (0, 1)
+        for direction in ("", "_reverse")
+    }
+    x = torch.randn(2, 5, 4)
+    model(x).square().sum().backward()
+    for name, layer in model.popup_layers():
+        assert layer.popup_scores["default"].grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+        with model.disable_adapter():
+            assert not torch.allclose(model(x), masked)
+        assert torch.equal(model.merge_and_unload()(x), masked)
