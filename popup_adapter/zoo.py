@@ -665,8 +665,12 @@ def write_table(rows: list[Row], path: Path, command: str) -> None:
         lines += ["| family | model | result | masked | note |", "|---|---|---|---|---|"]
         for row in sorted(part, key=lambda r: r.family):
             share = "" if row.masked_share is None else f"{100 * row.masked_share:.1f}%"
-            note = row.note.replace("|", "\\|").replace("\n", " ")
+            note = "see [notes](#notes)" if row.note else ""
             lines.append(f"| {row.family} | `{row.model}` | {row.result} | {share} | {note} |")
+    noted = [row for row in rows if row.note]
+    if noted:
+        lines += ["", "## Notes", ""]
+        lines += [f"- **{r.library} {r.family}**: {' '.join(r.note.split())}" for r in noted]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -83,3 +83,16 @@ def test_what_stays_unmasked_is_reported(rows):
     row = rows["transformers:wav2vec2"]
     assert "not masked: wav2vec2.encoder.pos_conv_embed.conv" in row.note
     assert row.masked_share < 1
+
+
+def test_the_table_counts_every_row_and_spells_out_each_note(rows, tmp_path):
+    page = tmp_path / "conformance.md"
+    zoo.write_table(list(rows.values()), page, "python -m popup_adapter.zoo")
+    text = page.read_text()
+    assert f"**{len(rows)} of {len(rows)} passed**" in text
+    assert f"timm: one model per family ({len(TIMM_SAMPLE)} of {len(TIMM_SAMPLE)} passed)" in text
+    assert "| resnet | `resnet10t` | pass | 100.0% |  |" in text
+    assert "| wav2vec2 | `Wav2Vec2ForCTC` | pass |" in text
+    notes = text.split("## Notes", 1)[1]
+    note = " ".join(rows["transformers:wav2vec2"].note.split())
+    assert f"**transformers wav2vec2**: {note}" in notes
