@@ -9,8 +9,9 @@ interleaved, round after round, in one process (medians and min-max spread):
 - ``dense``: the plain model, every weight trained (the floor: the same gradients are computed);
 - ``popup``: ``get_popup_model(model, k=0.5)``, only scores train, popup_adapter's selection
   (the fused CPU kernels when they are built);
-- ``eager``: the same popup model with the kernels off (``POPUP_ADAPTER_KERNELS=0``): the same
-  selection in plain torch operations, to show what the kernels bring;
+- ``eager``: the same popup model with each layer's ``use_kernels`` off (as
+  ``POPUP_ADAPTER_KERNELS=0`` builds them): the same selection in plain torch operations, to
+  show what the kernels bring;
 - ``sort``: the same popup model with the reference implementation's selection (a full sort of
   every layer's scores on every forward), carried here as the baseline.
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -71,16 +71,16 @@ def reference_selection():
 
 
 @contextmanager
-def kernels_off():
-    previous = os.environ.get("POPUP_ADAPTER_KERNELS")
-    os.environ["POPUP_ADAPTER_KERNELS"] = "0"
+def kernels_off(model):
+    """The same layers with their captured kernels setting turned off."""
+    layers = [layer for _, layer in model.popup_layers()]
+    for layer in layers:
+        layer.use_kernels = False
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["POPUP_ADAPTER_KERNELS"]
-        else:
-            os.environ["POPUP_ADAPTER_KERNELS"] = previous
+        for layer in layers:
+            layer.use_kernels = True
 
 
 def make_step(model, make_batch):
@@ -104,7 +104,7 @@ def variants(name: str):
     return {
         "dense": (make_step(dense.train(), make_batch), nullcontext),
         "popup": (make_step(popup.train(), make_batch), nullcontext),
-        "eager": (make_step(popup.train(), make_batch), kernels_off),
+        "eager": (make_step(popup.train(), make_batch), lambda: kernels_off(popup)),
         "sort": (make_step(popup.train(), make_batch), reference_selection),
     }
 

@@ -4,14 +4,20 @@ Every Linear/Conv weight keeps its random initial value; a learned score per wei
 top-k fraction of each layer, and only the scores train ("What's Hidden in a Randomly Weighted
 Neural Network?", Ramanujan et al., CVPR 2020).
 
-Importing this package imports neither timm nor transformers.
+Importing this package imports neither timm nor transformers, and changes nothing in the
+process (no settings, loggers, seeds or umask).
 """
 
+__version__ = "0.1.0"  # first: the modules below may read it
+
 from .config import INITS, PopupConfig
+from .convnets import ConvNet, create_conv_net
 from .errors import (
+    AdapterError,
     AlreadyAdaptedError,
     ArtifactError,
     BaseMismatchError,
+    ConfigError,
     PopupError,
     TargetModulesError,
 )
@@ -19,13 +25,14 @@ from .layers import PopupConv, PopupConv1D, PopupEmbedding, PopupLayer, PopupLin
 from .model import PopupModel, get_popup_model
 from .selection import masked_weight, num_kept, topk_mask
 
-__version__ = "0.1.0"
-
 __all__ = [
     "INITS",
+    "AdapterError",
     "AlreadyAdaptedError",
     "ArtifactError",
     "BaseMismatchError",
+    "ConfigError",
+    "ConvNet",
     "PopupConfig",
     "PopupConv",
     "PopupConv1D",
@@ -36,6 +43,7 @@ __all__ = [
     "PopupModel",
     "TargetModulesError",
     "__version__",
+    "create_conv_net",
     "get_popup_model",
     "masked_weight",
     "num_kept",

@@ -23,8 +23,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,23 +52,26 @@ WEIGHTS_NAME = "popup_model.safetensors"
 CARD_NAME = "README.md"
 ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 _MASK_PREFIX, _STATE_PREFIX = "mask.", "state."
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The temporary file is created with mode 0666 and the process umask applies, as for any
+    file the user writes (``tempfile.mkstemp`` would make it 0600, and reading the umask to
+    undo that means setting it: a process-wide side effect).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; publish like any other file
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 #: Initialisations of the random base. ``keep`` leaves a pretrained base as it is.
 INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform", "keep")
 #: Initial scores: seeded uniform (the paper), or |W| so the search starts from magnitude pruning.
@@ -71,22 +73,24 @@ class PopupConfig:
             raise TypeError(f"k must be a number in (0, 1], got {self.k!r}")
         self.k = float(self.k)
         if not 0.0 < self.k <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"k={self.k} is outside (0, 1]. k is the fraction of weights KEPT in each layer: "
                 "k=0.3 keeps 30%. For 'prune 70%' pass k=0.3."
             )
         if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+            raise ConfigError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.score_init not in SCORE_INITS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown score_init {self.score_init!r}; choose one of {', '.join(SCORE_INITS)}"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.scale_fan and self.init == "keep":
-            raise ValueError("scale_fan rescales a random init and has no meaning with init='keep'")
+            raise ConfigError(
+                "scale_fan rescales a random init and has no meaning with init='keep'"
+            )
         if self.reseed_modules and self.init != "keep":
-            raise ValueError(
+            raise ConfigError(
                 "reseed_modules only applies to init='keep': every other init "
                 "already draws the whole base from the seed"
             )
@@ -121,5 +125,5 @@ class PopupConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown PopupConfig fields {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown PopupConfig fields {unknown}; known: {sorted(known)}")
         return cls(**data)

@@ -29,3 +29,13 @@ class BaseMismatchError(PopupError):
 
 class ArtifactError(PopupError):
     """An artifact on disk or on the Hub is missing, truncated, corrupted or of unknown format."""
+
+
+class AdapterError(PopupError):
+    """An adapter is named that does not exist, exists already, or cannot share this backbone
+    (another base, other targets); or the last adapter would be deleted."""
+
+
+class ConfigError(PopupError):
+    """A :class:`~popup_adapter.PopupConfig` field (or ``base_kwargs``) has a value that cannot
+    work: k outside (0, 1], an unknown init, a negative seed, ..."""

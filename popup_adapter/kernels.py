@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the training step, compiled on first use.
+"""Fused CPU kernels for the training step, compiled once per source and torch version.
 
 In eager PyTorch, selecting the mask and applying it costs a chain of elementwise passes over
 every weight (``abs``, band comparisons, the mask, ``W * M``; in the backward ``sign(S)`` and two
@@ -8,66 +8,91 @@ products), each reading and writing whole tensors and allocating new ones.
 buffer when the caller allows it; they are registered as the torch operators
 ``torch.ops.popup_adapter.*``.
 
-The extension is built with ``torch.utils.cpp_extension`` the first time a CPU training step
-needs it (a C++ compiler is required; the build is cached under ``TORCH_EXTENSIONS_DIR``).
-When it cannot be built, a warning says why and the eager path (same masks, slower) is used.
-``POPUP_ADAPTER_KERNELS=0`` turns the kernels off.
+The setting is read once, timm-style: ``POPUP_ADAPTER_KERNELS=0`` in the environment at import,
+or :func:`set_use_kernels`; a masked layer captures :func:`use_kernels` when it is built. The
+extension is compiled by ``python -m popup_adapter build-kernels`` or, with a message, when the
+first model that uses the kernels is adapted (a C++ compiler is required), never inside a
+training step; later processes load the built library. When it cannot be built, a warning says
+why and the eager path (same masks, slower) is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
 from functools import cache
 from pathlib import Path
 
+import torch
+
 SOURCE = Path(__file__).parent / "csrc" / "masked_weight.cpp"
+_NAME = "popup_adapter_kernels"
+_logger = logging.getLogger(__name__)
 
 #: what the forward kernel reports besides the masked weight
 FOUND, ABOVE_BAND, BELOW_BAND = 0, 1, 2
 
+_USE_KERNELS = os.environ.get("POPUP_ADAPTER_KERNELS", "1") != "0"
 
-def kernels_enabled() -> bool:
-    """Whether the fused kernels may be used (``POPUP_ADAPTER_KERNELS`` is not ``0``)."""
-    return os.environ.get("POPUP_ADAPTER_KERNELS", "1") != "0"
+
+def use_kernels() -> bool:
+    """Whether layers built from now on use the fused CPU kernels (where they apply)."""
+    return _USE_KERNELS
+
+
+def set_use_kernels(enable: bool) -> None:
+    """Turn the fused kernels on or off for the layers built from now on (layers built before
+    keep their setting); the default comes from ``POPUP_ADAPTER_KERNELS`` at import."""
+    global _USE_KERNELS
+    _USE_KERNELS = bool(enable)
+
+
+def build_directory() -> Path:
+    """Where the compiled library lives: one folder per source and torch version, under
+    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``, as torch's own)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "torch_extensions"
+    )
+    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    return Path(root, f"{_NAME}_{tag}")
 
 
 @cache
 def load_kernels() -> bool:
-    """Build (once per source version, cached on disk) and load the CPU kernels; False, with a
-    warning naming the cause, when that is not possible here."""
-    import torch
-
-    # importing cpp_extension on a machine without CUDA logs a warning about CUDA_HOME that
-    # does not concern a CPU build
-    extension_logger = logging.getLogger("torch.utils.cpp_extension")
-    level = extension_logger.level
-    extension_logger.setLevel(logging.ERROR)
+    """Load the CPU kernels, compiling them first if this source and torch version never were;
+    False, with a warning naming the cause, when that is not possible here."""
+    library = build_directory() / f"{_NAME}.so"
     try:
-        from torch.utils import cpp_extension
-    finally:
-        extension_logger.setLevel(level)
-
-    try:
-        cpp_extension.load(
-            name="popup_adapter_kernels",
-            sources=[str(SOURCE)],
-            # OpenMP: ATen's parallel_for is inline and runs serially without it
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        if not library.is_file():
+            _build(library.parent)
+        torch.ops.load_library(str(library))
     except Exception as error:  # no compiler, no ninja, read-only cache, ...
         last_line = (str(error).strip().splitlines() or [""])[-1]
         warnings.warn(
             f"popup_adapter's fused CPU kernels could not be built ({type(error).__name__}: "
-            f"{last_line}); training "
-            "uses the eager path (same masks, slower). Install a C++ compiler and ninja, or set "
-            "POPUP_ADAPTER_KERNELS=0 to silence this.",
+            f"{last_line}); training uses the eager path (same masks, slower). Install a C++ "
+            "compiler and ninja, or set POPUP_ADAPTER_KERNELS=0 to silence this.",
             RuntimeWarning,
             stacklevel=3,
         )
         return False
     return hasattr(torch.ops.popup_adapter, "masked_weight_forward")
+
+
+def _build(folder: Path) -> None:
+    from torch.utils import cpp_extension  # only to compile: importing it logs about CUDA
+
+    _logger.warning("popup_adapter: compiling the fused CPU kernels into %s (once)", folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=_NAME,
+        sources=[str(SOURCE)],
+        # OpenMP: ATen's parallel_for is inline and runs serially without it
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        is_python_module=False,
+        verbose=False,
+    )

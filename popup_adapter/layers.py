@@ -35,6 +35,8 @@ from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
 from .base import is_expert_bank, is_norm_module, masked_fan_in, transformers_conv1d
+from .errors import AdapterError, ArtifactError
+from .kernels import load_kernels, use_kernels
 from .selection import SelectionState, masked_weight, num_kept, topk_mask
 
 #: torch's process-wide module hooks: when any is set, layers are called, never bypassed
@@ -97,7 +99,10 @@ class PopupLayer(nn.Module):
         self.popup_selection: dict[str, list[SelectionState]] = {}
         self.active_adapter: str | None = None
         self.disable_adapters = False
-        self._eval_cache: tuple[tuple, torch.Tensor] | None = None
+        #: the fused CPU kernels setting when this layer was built (see popup_adapter.kernels)
+        self.use_kernels = use_kernels()
+        if self.use_kernels:
+            load_kernels()  # compiled now, if ever, not inside the first training step
 
     # -- the base layer, read through
     def __getattr__(self, name: str):
@@ -117,7 +122,6 @@ class PopupLayer(nn.Module):
         base = self.__dict__.get("_modules", {}).get("base_layer")
         if base is not None and name == self.__dict__.get("parameter_name"):
             setattr(base, name, value)
-            self._eval_cache = None
         else:
             super().__setattr__(name, value)
 
@@ -150,7 +154,7 @@ class PopupLayer(nn.Module):
         of each mask."""
         weight = self.base_weight
         if scores.shape != weight.shape:
-            raise ValueError(
+            raise AdapterError(
                 f"scores of shape {tuple(scores.shape)} do not fit a weight of "
                 f"shape {tuple(weight.shape)}"
             )
@@ -165,7 +169,6 @@ class PopupLayer(nn.Module):
         del self.popup_selection[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
-        self._eval_cache = None
 
     def set_adapter(self, adapter_name: str | None) -> None:
         """Make ``adapter_name`` the active mask; only its scores require grad (as in PEFT)."""
@@ -182,7 +185,7 @@ class PopupLayer(nn.Module):
         scores, kept = self.popup_scores[adapter_name], self.popup_kept[adapter_name]
         counts = [int(part.sum()) for part in self._per_mask(mask)] if mask.ndim else []
         if mask.shape != scores.shape or any(count != kept for count in counts):
-            raise ValueError(
+            raise ArtifactError(
                 f"a mask of shape {tuple(mask.shape)} keeping {counts} does not fit this layer "
                 f"({tuple(scores.shape)}, keeping {kept} in each of {self.num_masks} masks)"
             )
@@ -201,8 +204,9 @@ class PopupLayer(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: ``W * M`` of the active adapter, or ``W`` when off.
 
-        When no gradient is being recorded (eval, inference) the masked weight is cached until
-        the scores or the weight change, so masked inference costs what merged inference costs.
+        Nothing is cached: in eval mode too, each forward selects the mask and writes ``W * M``
+        in one fused pass, freed after the layer ran, so inference holds no second copy of the
+        weights (``merge_and_unload`` gives a model that skips even that pass).
         """
         return self._effective_weight(single_use=False)
 
@@ -211,21 +215,15 @@ class PopupLayer(nn.Module):
         if self.disable_adapters or adapter is None:
             return weight
         scores, kept = self.popup_scores[adapter], self.popup_kept[adapter]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            if not torch.compiler.is_compiling():
-                self._eval_cache = None  # training: do not hold a stale copy of the weight
-            states = self.popup_selection[adapter]
-            parts = [
-                masked_weight(w, s, kept, state, single_use and not self.per_expert)
-                for w, s, state in zip(
-                    self._per_mask(weight), self._per_mask(scores), states, strict=True
-                )
-            ]
-            return torch.stack(parts) if self.per_expert else parts[0]
-        key = (adapter, scores._version, id(scores), weight._version, id(weight))
-        if self._eval_cache is None or self._eval_cache[0] != key:
-            self._eval_cache = (key, weight * self.get_mask(adapter))
-        return self._eval_cache[1]
+        states = self.popup_selection[adapter]
+        fused = self.use_kernels
+        parts = [
+            masked_weight(w, s, kept, state, single_use and not self.per_expert, fused)
+            for w, s, state in zip(
+                self._per_mask(weight), self._per_mask(scores), states, strict=True
+            )
+        ]
+        return torch.stack(parts) if self.per_expert else parts[0]
 
     def _computes_itself(self, args: tuple, kwargs: dict) -> bool:
         """Whether the base layer's forward is exactly :meth:`forward_with_weight` here: its

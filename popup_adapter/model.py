@@ -22,7 +22,7 @@ from torch import nn
 
 from .base import describe_structure, is_inside, is_norm_module, seed_base
 from .config import PopupConfig
-from .errors import AlreadyAdaptedError, ArtifactError, BaseMismatchError
+from .errors import AdapterError, AlreadyAdaptedError, ArtifactError, BaseMismatchError
 from .layers import PopupLayer, create_popup_layer, whole_tensor
 from .seeding import fingerprint, score_values
 from .specs import build_base, describe_base
@@ -417,10 +417,10 @@ class PopupModel(nn.Module):
         """Add a further mask over the same backbone (it does not become active by itself);
         ``draw_scores`` as in the constructor."""
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} exists already; delete_adapter it first")
+            raise AdapterError(f"adapter {adapter_name!r} exists already; delete_adapter it first")
         first = next(iter(self.peft_config.values()))
         if config.base_defining() != first.base_defining():
-            raise ValueError(
+            raise AdapterError(
                 f"adapter {adapter_name!r} needs another base ({config.base_defining()}) than "
                 f"this backbone's ({first.base_defining()}); masks over one backbone must share "
                 "init, seed, scale_fan and the norm policy"
@@ -431,7 +431,7 @@ class PopupModel(nn.Module):
         if wanted != self.targets or (config.modules_to_save or []) != (
             first.modules_to_save or []
         ):
-            raise ValueError(
+            raise AdapterError(
                 f"adapter {adapter_name!r} must mask the same layers and save the "
                 "same modules as the others on this backbone"
             )
@@ -465,7 +465,9 @@ class PopupModel(nn.Module):
         """Remove a mask; deleting the active one activates the first remaining."""
         self._check_adapter(adapter_name)
         if len(self.peft_config) == 1:
-            raise ValueError("cannot delete the only adapter; use unload() to get the plain model")
+            raise AdapterError(
+                "cannot delete the only adapter; use unload() to get the plain model"
+            )
         del self.peft_config[adapter_name]
         for module in self.base_model.modules():
             if isinstance(module, PopupLayer):
@@ -598,7 +600,7 @@ class PopupModel(nn.Module):
 
     def _check_adapter(self, adapter_name: str | None) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(
+            raise AdapterError(
                 f"unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}"
             )
 

@@ -238,12 +238,16 @@ class FusedStraightThroughMask(torch.autograd.Function):
         return None, grad_scores, None, None, None
 
 
-def _fused_kernels_apply(weight: torch.Tensor, scores: torch.Tensor, state) -> bool:
-    """Whether :class:`FusedStraightThroughMask` can serve this call: plain CPU tensors of one
-    floating dtype (no tensor subclass such as DTensor or a compile-time fake), a frozen weight,
-    a selection state, eager mode, and kernels that are enabled and built."""
+def _fused_kernels_apply(
+    weight: torch.Tensor, scores: torch.Tensor, state, fused: bool = True
+) -> bool:
+    """Whether :class:`FusedStraightThroughMask` can serve this call: the caller allows it
+    (``fused``), plain CPU tensors of one floating dtype (no tensor subclass such as DTensor or
+    a compile-time fake), a frozen weight, a selection state, eager mode, and kernels that are
+    built."""
     return (
-        state is not None
+        fused
+        and state is not None
         and type(scores) in (torch.Tensor, torch.nn.Parameter)
         and type(weight) in (torch.Tensor, torch.nn.Parameter)
         and scores.device.type == "cpu"
@@ -252,7 +256,6 @@ def _fused_kernels_apply(weight: torch.Tensor, scores: torch.Tensor, state) -> b
         and scores.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
         and not weight.requires_grad
         and not torch.compiler.is_compiling()
-        and kernels.kernels_enabled()
         and kernels.load_kernels()
     )
 
@@ -263,14 +266,30 @@ def masked_weight(
     kept: int,
     state: SelectionState | None = None,
     single_use: bool = False,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """``weight * topk_mask(scores, kept)`` with the straight-through gradient to ``scores``.
 
-    ``single_use=True`` promises that the result feeds exactly one operation whose gradient
-    with respect to it is a buffer of its own (a convolution's or a matmul's weight gradient),
-    so the backward may overwrite that buffer instead of allocating another: what a masked
-    layer's forward does. Leave it False when the result is used any other way.
+    Args:
+        weight: the frozen base weight.
+        scores: the scores, shaped like ``weight``.
+        kept: how many weights the mask keeps (see :func:`num_kept`).
+        state: the layer's :class:`SelectionState`, which lets the selection search a narrow
+            band around the last threshold (``None``: an exact selection from scratch).
+        single_use: promises that the result feeds exactly one operation whose gradient with
+            respect to it is a buffer of its own (a convolution's or a matmul's weight
+            gradient), so the backward may overwrite that buffer instead of allocating another:
+            what a masked layer's forward does. Leave it False when the result is used any
+            other way.
+        fused: whether the fused CPU kernels may serve the call (default:
+            :func:`popup_adapter.kernels.use_kernels`); masked layers pass the setting they
+            captured when built.
+
+    Returns:
+        ``weight * M``, differentiable with respect to ``scores`` (straight-through).
     """
-    if _fused_kernels_apply(weight, scores, state):
+    if fused is None:
+        fused = kernels.use_kernels()
+    if _fused_kernels_apply(weight, scores, state, fused):
         return FusedStraightThroughMask.apply(weight, scores, kept, state, single_use)
     return StraightThroughMask.apply(weight, scores, kept, state)

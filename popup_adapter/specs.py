@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 
 
 def _pretrained_source(model: nn.Module) -> dict[str, str]:
@@ -37,7 +37,7 @@ def _checked_base_kwargs(base_kwargs: dict[str, Any] | None, library: str) -> di
     if not base_kwargs:
         return {}
     if library != "timm":
-        raise ValueError(
+        raise ConfigError(
             "base_kwargs records constructor arguments of a timm model; a transformers model is "
             "rebuilt from its config, popup_adapter's own networks from their spec"
         )
@@ -151,7 +151,7 @@ def build_base(
             model.config._name_or_path = spec["name_or_path"]
         return model
     if library == "popup_adapter":
-        models = importlib.import_module("popup_adapter.models")
+        models = importlib.import_module("popup_adapter.convnets")
         return getattr(models, spec["class"])(**spec["kwargs"])
     raise ArtifactError(
         f"the base of this mask is a {spec.get('class', 'custom model')}, which "

@@ -15,7 +15,7 @@ import time
 from data import load_fashion_mnist
 
 from popup_adapter import INITS, get_popup_model
-from popup_adapter.models import create_conv_net
+from popup_adapter.convnets import create_conv_net
 from popup_adapter.training import TrainingArguments, add_training_arguments, train
 
 

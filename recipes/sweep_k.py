@@ -23,7 +23,7 @@ from pathlib import Path
 from data import load_fashion_mnist
 
 from popup_adapter import get_popup_model
-from popup_adapter.models import create_conv_net
+from popup_adapter.convnets import create_conv_net
 from popup_adapter.training import TrainingArguments, latest_checkpoint, train
 
 FIELDS = ["model", "width", "init", "k", "seed", "lr", "epochs", "top1", "seconds"]

@@ -90,7 +90,7 @@ def logits(output):
 
 @pytest.fixture
 def small_convnet():
-    from popup_adapter.models import create_conv_net
+    from popup_adapter.convnets import create_conv_net
 
     return create_conv_net("conv2", width=0.25)
 

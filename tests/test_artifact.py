@@ -18,7 +18,7 @@ from popup_adapter.artifact import (
     atomic_write,
     read_artifact,
 )
-from popup_adapter.models import create_conv_net
+from popup_adapter.convnets import create_conv_net
 
 ROUND_TRIP = ["resnet50", "bert", "gpt2"]
 

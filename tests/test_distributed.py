@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 
 from popup_adapter import PopupModel, get_popup_model
 from popup_adapter.artifact import collect_artifact
-from popup_adapter.models import create_conv_net
-from popup_adapter.training import check_fsdp_units, full_parameters
+from popup_adapter.convnets import create_conv_net
+from popup_adapter.distributed import check_fsdp_units, full_parameters
 
 
 def _train_one_step(rank: int, world_size: int, init_file: str, out_dir: str) -> None:

@@ -74,7 +74,7 @@ def test_push_then_load_in_a_fresh_process(tmp_path, mode):
 REVISIONS = """
 from huggingface_hub import HfApi
 from popup_adapter import get_popup_model
-from popup_adapter.models import create_conv_net
+from popup_adapter.convnets import create_conv_net
 for k, revision in ((0.3, None), (0.1, "v1")):
     model = get_popup_model(create_conv_net("conv2", width=0.25), k=k)
     model.push_to_hub("me/conv", revision=revision)

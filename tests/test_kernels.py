@@ -1,6 +1,9 @@
 """The fused CPU kernels against the eager implementation and a full sort."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from popup_adapter.selection import (
 
 has_compiler = shutil.which("c++") is not None and shutil.which("ninja") is not None
 needs_kernels = pytest.mark.skipif(
-    not (has_compiler and kernels.kernels_enabled()), reason="no C++ compiler or kernels off"
+    not (has_compiler and kernels.use_kernels()), reason="no C++ compiler or kernels off"
 )
 
 
@@ -69,8 +72,7 @@ def test_eager_path_when_kernels_are_off_or_weights_train(monkeypatch):
     weight, scores = torch.ones(4), torch.ones(4, requires_grad=True)
     assert not _fused_kernels_apply(weight, scores, None)  # no state: the stateless path
     assert not _fused_kernels_apply(weight.requires_grad_(True), scores, SelectionState())
-    monkeypatch.setenv("POPUP_ADAPTER_KERNELS", "0")
-    assert not _fused_kernels_apply(torch.ones(4), scores, SelectionState())
+    assert not _fused_kernels_apply(torch.ones(4), scores, SelectionState(), fused=False)
 
 
 @needs_kernels
@@ -78,13 +80,14 @@ def test_layer_backward_in_place_gives_the_eager_gradients(monkeypatch):
     """A masked layer's forward lets the backward overwrite its weight-gradient buffer: the
     score gradients equal those with the kernels off."""
     from popup_adapter import get_popup_model
-    from popup_adapter.models import create_conv_net
+    from popup_adapter.convnets import create_conv_net
 
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     grads = []
-    for enabled in ("1", "0"):
-        monkeypatch.setenv("POPUP_ADAPTER_KERNELS", enabled)
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "_USE_KERNELS", enabled)
         model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
+        assert all(layer.use_kernels is enabled for _, layer in model.popup_layers())
         model(x).square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() != set()
@@ -105,12 +108,13 @@ def test_shared_gradient_is_not_overwritten():
     assert torch.equal(scores.grad, upstream * weight * scores.detach().sign())
 
 
-def test_a_failed_build_warns_and_falls_back(monkeypatch):
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     def no_compiler(**kwargs):
         raise RuntimeError("Error building extension: c++: command not found")
 
+    monkeypatch.setattr(kernels, "build_directory", lambda: tmp_path / "never-built")
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     kernels.load_kernels.cache_clear()
     try:
@@ -119,3 +123,42 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch):
         assert not _fused_kernels_apply(torch.ones(4), torch.ones(4), SelectionState())
     finally:
         kernels.load_kernels.cache_clear()
+
+
+@needs_kernels
+def test_a_built_library_loads_without_compiling_or_touching_loggers(tmp_path):
+    """A second process loads the compiled library as it is: no compiler run, torch's
+    cpp_extension (which logs about CUDA when imported) not even imported, no logger changed."""
+    script = (
+        "import logging, sys\n"
+        "from popup_adapter import kernels\n"
+        "levels = {n: logging.getLogger(n).level for n in logging.root.manager.loggerDict}\n"
+        "assert kernels.load_kernels()\n"
+        "assert 'torch.utils.cpp_extension' not in sys.modules\n"
+        "after = {n: logging.getLogger(n).level for n in levels}\n"
+        "assert after == levels, 'a logger level changed'\n"
+        "print('ok')\n"
+    )
+    assert kernels.load_kernels()  # built here first, if this machine never did
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_layers_capture_the_setting_when_built(monkeypatch):
+    from popup_adapter import get_popup_model
+    from popup_adapter.convnets import create_conv_net
+
+    monkeypatch.setattr(kernels, "_USE_KERNELS", kernels.use_kernels())
+    kernels.set_use_kernels(False)
+    off = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
+    kernels.set_use_kernels(True)
+    on = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
+    assert {layer.use_kernels for _, layer in off.popup_layers()} == {False}
+    assert {layer.use_kernels for _, layer in on.popup_layers()} == {True}
+
+
+def test_the_environment_default_is_read_at_import():
+    script = "from popup_adapter import kernels; print(kernels.use_kernels())"
+    env = {**os.environ, "POPUP_ADAPTER_KERNELS": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "False", done.stderr

@@ -1,4 +1,5 @@
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -74,19 +75,23 @@ def test_unsupported_module_is_refused():
         create_popup_layer(nn.LayerNorm(4))
 
 
-def test_eval_mask_is_cached_until_scores_change():
-    layer = _with_scores(nn.Linear(8, 6))
+def test_eval_holds_no_second_copy_of_the_weight_and_sees_new_scores_at_once():
+    """Inference keeps nothing beyond the weight and the scores (main cached W * M per layer,
+    keyed on Tensor._version), and a change to the scores shows in the very next forward."""
+    layer = _with_scores(nn.Linear(8, 6)).eval()
     x = torch.randn(2, 8)
+    with torch.inference_mode():
+        first = layer(x)
+        held = [v for v in vars(layer).values() if isinstance(v, (torch.Tensor, tuple))]
+        assert held == []
+        effective = weakref.ref(layer.effective_weight())
+        assert effective() is None  # freed once the caller drops it
     with torch.no_grad():
-        first = layer.effective_weight()
-        assert layer.effective_weight() is first
         layer.popup_scores["default"].mul_(-1).add_(torch.randn(6, 8))
-        second = layer.effective_weight()
-    assert second is not first
-    mask = topk_mask(layer.popup_scores["default"], layer.popup_kept["default"])
-    assert torch.equal(second, layer.weight * mask)
-    with torch.no_grad():
-        assert torch.equal(layer(x), nn.functional.linear(x, second, layer.bias))
+        mask = topk_mask(layer.popup_scores["default"], layer.popup_kept["default"])
+        second = layer(x)
+    assert not torch.equal(first, second)
+    assert torch.equal(second, nn.functional.linear(x, layer.base_weight * mask, layer.bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -256,7 +261,7 @@ def test_an_adapted_model_deep_copies():
     import copy
 
     from popup_adapter import get_popup_model
-    from popup_adapter.models import create_conv_net
+    from popup_adapter.convnets import create_conv_net
 
     model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.5).eval()
     twin = copy.deepcopy(model)

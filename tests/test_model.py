@@ -78,7 +78,7 @@ def test_model_family(name):
 
 
 def test_base_depends_on_seed_not_on_global_rng(small_convnet):
-    from popup_adapter.models import create_conv_net
+    from popup_adapter.convnets import create_conv_net
 
     torch.manual_seed(0)
     a = get_popup_model(create_conv_net("conv2", width=0.25), k=0.5)
@@ -91,7 +91,7 @@ def test_base_depends_on_seed_not_on_global_rng(small_convnet):
 
 
 def test_signed_constant_values_and_scale_fan():
-    from popup_adapter.models import create_conv_net
+    from popup_adapter.convnets import create_conv_net
 
     model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.25, scale_fan=True)
     weight = model.base_model.features[0].base_weight  # conv 1 -> 16, 3x3: fan_in 9

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from popup_adapter import PopupModel
-from popup_adapter.training import mask_digest
+from popup_adapter.distributed import mask_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"

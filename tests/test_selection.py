@@ -79,7 +79,7 @@ def test_threshold_reuse_is_exact_at_every_step():
 def test_layer_masks_stay_exact_while_training():
     """The training path (threshold reused between steps) selects what a full sort selects."""
     from popup_adapter import get_popup_model
-    from popup_adapter.models import create_conv_net
+    from popup_adapter.convnets import create_conv_net
 
     model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
