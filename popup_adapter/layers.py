@@ -158,7 +158,9 @@ class PopupLayer(nn.Module):
                 f"scores of shape {tuple(scores.shape)} do not fit a weight of "
                 f"shape {tuple(weight.shape)}"
             )
-        self.popup_scores[adapter_name] = nn.Parameter(scores.to(weight.device))
+        # only the active adapter's scores train (set_adapter moves that), as in PEFT
+        active = adapter_name == self.active_adapter
+        self.popup_scores[adapter_name] = nn.Parameter(scores.to(weight.device), active)
         self.popup_kept[adapter_name] = num_kept(k, weight.numel() // self.num_masks)
         self.popup_selection[adapter_name] = [SelectionState() for _ in range(self.num_masks)]
 

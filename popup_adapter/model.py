@@ -20,6 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import (
+    BATCHNORM_STATS,
+    AdapterBank,
+    ModulesToSaveWrapper,
+    adapter_parameter_owner,
+    initial_batchnorm_stats,
+)
 from .base import describe_structure, is_inside, is_norm_module, seed_base
 from .config import PopupConfig
 from .errors import AdapterError, AlreadyAdaptedError, ArtifactError, BaseMismatchError
@@ -36,7 +43,6 @@ from .targets import (
     warn_unmasked,
 )
 
-_BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 #: path segments that wrappers insert; removed to recover the base model's own names
 _WRAPPER_SEGMENTS = re.compile(r"\.(base_layer|original_module)(?=\.|$)")
 
@@ -44,35 +50,6 @@ _WRAPPER_SEGMENTS = re.compile(r"\.(base_layer|original_module)(?=\.|$)")
 def base_name(name: str) -> str:
     """A name in the adapted model mapped back to the name it had in the plain model."""
     return _WRAPPER_SEGMENTS.sub("", name)
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A module trained densely, one copy per adapter (PEFT's ``modules_to_save``)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disable_adapters = False
-
-    def update(self, adapter_name: str) -> None:
-        """Add a trainable copy of the original module for ``adapter_name``."""
-        copy_ = copy.deepcopy(self.original_module)
-        copy_.requires_grad_(True)
-        self.modules_to_save[adapter_name] = copy_
-
-    def set_adapter(self, adapter_name: str | None) -> None:
-        """Route the forward to ``adapter_name``'s copy; only it trains."""
-        for name, module in self.modules_to_save.items():
-            module.requires_grad_(name == adapter_name)
-        self.active_adapter = adapter_name
-
-    def forward(self, *args, **kwargs):
-        """The active adapter's copy (the original when adapters are disabled)."""
-        if self.disable_adapters or self.active_adapter is None:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[self.active_adapter](*args, **kwargs)
 
 
 def get_popup_model(
@@ -137,9 +114,8 @@ class PopupModel(nn.Module):
         self.base_structure = describe_structure(model)
         self.peft_config: dict[str, PopupConfig] = {}
         self.active_adapter = adapter_name
-        # BatchNorm statistics of the adapters that are not active; the active one's live in
-        # the BatchNorm modules themselves.
-        self._stashed_bn_stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        #: every inactive adapter's BatchNorm statistics (and trained norms)
+        self._bank = AdapterBank(self._shared_tensors)
 
         if targets is not None:
             check_stored_targets(model, targets, "the artifact")
@@ -152,6 +128,8 @@ class PopupModel(nn.Module):
         seed_base(model, config, (target.parameter_path for target in self.targets))
         _inject(model, self.targets, config.modules_to_save or [])
         self._add_scores(adapter_name, config, draw_scores)
+        #: the trained norms' values before any training: where a new adapter's start
+        self._initial_norms = {k: v.detach().clone() for k, v in self._norm_parameters().items()}
         self.set_adapter(adapter_name)
 
     # -- pass-through, as PeftModel does
@@ -215,7 +193,7 @@ class PopupModel(nn.Module):
             plain = base_name(name)
             if (
                 not is_inside(plain.rsplit(".", 1)[0], stored)
-                and plain.rsplit(".", 1)[-1] not in _BATCHNORM_STATS
+                and plain.rsplit(".", 1)[-1] not in BATCHNORM_STATS
             ):
                 state[plain] = tensor.detach()
         return state
@@ -226,18 +204,24 @@ class PopupModel(nn.Module):
         are gathered whole: under FSDP every process must ask)."""
         return fingerprint((name, whole_tensor(t)) for name, t in self.base_state().items())
 
+    @property
+    def _backbone_config(self) -> PopupConfig:
+        """A config of this backbone: every adapter's agrees on the base, the targets, the
+        saved modules and the norm policy (``add_adapter`` checks)."""
+        return next(iter(self.peft_config.values()))
+
     def _trained_roots(self) -> list[str]:
-        config = self.peft_config[self.active_adapter]
+        config = self._backbone_config
         return list(config.modules_to_save or []) + [name for name, _ in self._trained_norms()]
 
     def _trained_norms(self) -> list[tuple[str, nn.Module]]:
-        if not self.peft_config[self.active_adapter].train_norms:
+        if not self._backbone_config.train_norms:
             return []
         return [(name, module) for name, module in self._base_modules() if is_norm_module(module)]
 
     def _base_modules(self) -> list[tuple[str, nn.Module]]:
         """The plain model's modules by their plain names, outside ``modules_to_save``."""
-        saved = list(self.peft_config[self.active_adapter].modules_to_save or [])
+        saved = list(self._backbone_config.modules_to_save or [])
         return [
             (base_name(n), m)
             for n, m in self.base_model.named_modules()
@@ -249,15 +233,13 @@ class PopupModel(nn.Module):
         ``modules_to_save`` and trained norms. The tensors are live views: copying into them
         sets the model's state (this is how an artifact is loaded)."""
         adapter_name = adapter_name or self.active_adapter
-        state = self.batchnorm_stats(adapter_name)
+        self._check_adapter(adapter_name)
+        state = self._bank.state(adapter_name, active=adapter_name == self.active_adapter)
         for name, module in self.base_model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 copy_ = module.modules_to_save[adapter_name]
                 for key, value in copy_.state_dict(keep_vars=True).items():
                     state[f"{base_name(name)}.{key}"] = value
-        for name, module in self._trained_norms():
-            for leaf, param in module.named_parameters(recurse=False):
-                state[f"{name}.{leaf}"] = param
         return {key: value.detach() for key, value in state.items()}
 
     def load_trained_state(
@@ -400,10 +382,7 @@ class PopupModel(nn.Module):
         adapter_name = adapter_name or self.active_adapter
         if adapter_name == self.active_adapter:
             for key, value in self.named_parameters():
-                if (
-                    f".popup_scores.{adapter_name}" in key
-                    or f".modules_to_save.{adapter_name}." in key
-                ):
+                if adapter_parameter_owner(key) == adapter_name:
                     value.requires_grad_(is_trainable)
             for _, module in self._trained_norms():
                 module.requires_grad_(is_trainable)
@@ -436,9 +415,10 @@ class PopupModel(nn.Module):
                 "same modules as the others on this backbone"
             )
         self._add_scores(adapter_name, config, draw_scores)
-        self._stashed_bn_stats[adapter_name] = {
-            name: _fresh_stats(bn) for name, bn in self._batchnorms()
-        }
+        initial = dict(self._initial_norms)
+        for name, bn in self._batchnorms():
+            initial.update(initial_batchnorm_stats(bn, name))
+        self._bank.add(adapter_name, initial)
         self._set_requires_grad()
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -446,15 +426,7 @@ class PopupModel(nn.Module):
         self._check_adapter(adapter_name)
         previous = self.active_adapter
         if previous != adapter_name and previous in self.peft_config:
-            self._stashed_bn_stats[previous] = {
-                name: {s: getattr(bn, s).clone() for s in _BATCHNORM_STATS}
-                for name, bn in self._batchnorms()
-            }
-            incoming = self._stashed_bn_stats.pop(adapter_name)
-            with torch.no_grad():
-                for name, bn in self._batchnorms():
-                    for stat, value in incoming[name].items():
-                        getattr(bn, stat).copy_(value)
+            self._bank.switch(previous, adapter_name)
         self.active_adapter = adapter_name
         for module in self.base_model.modules():
             if isinstance(module, (PopupLayer, ModulesToSaveWrapper)):
@@ -470,15 +442,15 @@ class PopupModel(nn.Module):
             )
         del self.peft_config[adapter_name]
         for module in self.base_model.modules():
-            if isinstance(module, PopupLayer):
+            if isinstance(module, (PopupLayer, ModulesToSaveWrapper)):
                 module.delete_adapter(adapter_name)
-            elif isinstance(module, ModulesToSaveWrapper):
-                del module.modules_to_save[adapter_name]
         if adapter_name == self.active_adapter:
+            successor = next(iter(self.peft_config))
+            self._bank.switch(None, successor)  # the deleted adapter's values go with it
             self.active_adapter = None
-            self.set_adapter(next(iter(self.peft_config)))
+            self.set_adapter(successor)
         else:
-            self._stashed_bn_stats.pop(adapter_name, None)
+            self._bank.remove(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -500,18 +472,8 @@ class PopupModel(nn.Module):
         """``{"<bn name>.running_mean": ..., ...}`` of ``adapter_name`` (default: active)."""
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
-        if adapter_name == self.active_adapter:
-            per_bn = {
-                name: {s: getattr(bn, s) for s in _BATCHNORM_STATS}
-                for name, bn in self._batchnorms()
-            }
-        else:
-            per_bn = self._stashed_bn_stats[adapter_name]
-        return {
-            f"{name}.{stat}": value
-            for name, stats in per_bn.items()
-            for stat, value in stats.items()
-        }
+        state = self._bank.state(adapter_name, active=adapter_name == self.active_adapter)
+        return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in BATCHNORM_STATS}
 
     # -- back to a plain model
     def merge_and_unload(self) -> nn.Module:
@@ -585,11 +547,25 @@ class PopupModel(nn.Module):
                 module.update(adapter_name)
 
     def _set_requires_grad(self) -> None:
-        config = self.peft_config[self.active_adapter]
+        config = self._backbone_config
         for module in self.base_model.modules():
             if is_norm_module(module) and config.train_norms:
                 for param in module.parameters(recurse=False):
                     param.requires_grad_(True)
+
+    def _norm_parameters(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{leaf}": param
+            for name, module in self._trained_norms()
+            for leaf, param in module.named_parameters(recurse=False)
+        }
+
+    def _shared_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors every adapter has its own values of (see :class:`AdapterBank`)."""
+        shared = self._norm_parameters()
+        for name, bn in self._batchnorms():
+            shared.update({f"{name}.{stat}": getattr(bn, stat) for stat in BATCHNORM_STATS})
+        return shared
 
     def _batchnorms(self) -> list[tuple[str, nn.Module]]:
         return [
@@ -603,14 +579,6 @@ class PopupModel(nn.Module):
             raise AdapterError(
                 f"unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}"
             )
-
-
-def _fresh_stats(bn: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        "running_mean": torch.zeros_like(bn.running_mean),
-        "running_var": torch.ones_like(bn.running_var),
-        "num_batches_tracked": torch.zeros_like(bn.num_batches_tracked),
-    }
 
 
 def _inject(model: nn.Module, targets: list[MaskTarget], saved: list[str]) -> None:

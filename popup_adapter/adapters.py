@@ -1,0 +1,115 @@
+"""What belongs to one adapter besides its scores, and how adapters share one backbone.
+
+Each adapter of a :class:`~popup_adapter.PopupModel` has its own scores (in the masked layers),
+its own copies of ``modules_to_save`` (:class:`ModulesToSaveWrapper`, as in PEFT) and its own
+values of the tensors the backbone holds once: BatchNorm running statistics, and with
+``train_norms`` the norm layers' weights and biases. Those live in the modules for the active
+adapter; :class:`AdapterBank` keeps every other adapter's values and swaps them in when the
+active adapter changes or is deleted.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import AdapterError
+
+#: the buffers of a BatchNorm that training changes
+BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained densely, one copy per adapter (PEFT's ``modules_to_save``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+
+    def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for ``adapter_name``."""
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copy_
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        """Route the forward to ``adapter_name``'s copy; only it trains."""
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == adapter_name)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop ``adapter_name``'s copy."""
+        del self.modules_to_save[adapter_name]
+
+    def forward(self, *args, **kwargs):
+        """The active adapter's copy (the original when adapters are disabled)."""
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+
+def initial_batchnorm_stats(bn: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The statistics of a BatchNorm that has seen no batch: what a new adapter starts from."""
+    return {
+        f"{prefix}.running_mean": torch.zeros_like(bn.running_mean),
+        f"{prefix}.running_var": torch.ones_like(bn.running_var),
+        f"{prefix}.num_batches_tracked": torch.zeros_like(bn.num_batches_tracked),
+    }
+
+
+class AdapterBank:
+    """Per adapter, its values of the tensors the backbone holds once.
+
+    ``live`` returns those tensors by their plain-model names (the modules' own buffers and
+    parameters, which the forward reads): they hold the active adapter's values. The bank holds
+    a copy for every other adapter. Swapping copies values in place, so optimizers and hooks
+    keep pointing at the same tensors.
+    """
+
+    def __init__(self, live: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self._live = live
+        self._stored: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, adapter_name: str, initial: dict[str, torch.Tensor]) -> None:
+        """Give a new, inactive adapter its starting values (one for every live tensor)."""
+        if set(initial) != set(self._live()):
+            raise AdapterError(f"adapter {adapter_name!r} needs a value for every shared tensor")
+        self._stored[adapter_name] = {k: v.detach().clone() for k, v in initial.items()}
+
+    def switch(self, previous: str | None, incoming: str) -> None:
+        """Store the live values as ``previous``'s (None: discard them, the adapter was
+        deleted) and put ``incoming``'s in their place."""
+        live = self._live()
+        if previous is not None:
+            self._stored[previous] = {k: v.detach().clone() for k, v in live.items()}
+        values = self._stored.pop(incoming)
+        with torch.no_grad():
+            for name, tensor in live.items():
+                tensor.copy_(values[name])
+
+    def remove(self, adapter_name: str) -> None:
+        """Forget an inactive adapter's values."""
+        self._stored.pop(adapter_name, None)
+
+    def state(self, adapter_name: str, active: bool) -> dict[str, torch.Tensor]:
+        """``adapter_name``'s values by name: the live tensors when it is the active adapter,
+        else its stored ones. Copying into them sets that adapter's values."""
+        return self._live() if active else dict(self._stored[adapter_name])
+
+
+def adapter_parameter_owner(name: str) -> str | None:
+    """The adapter a parameter name belongs to (``...popup_scores.<adapter>`` or
+    ``...modules_to_save.<adapter>...``), matched by whole name segments so that ``default``
+    never matches ``default2``; None for a backbone parameter."""
+    parts = name.split(".")
+    for index, part in enumerate(parts[:-1]):
+        if part in ("popup_scores", "modules_to_save"):
+            return parts[index + 1]
+    return None
