@@ -20,7 +20,7 @@ import numbers
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 import torch
@@ -88,20 +88,39 @@ def is_inside(name: str, roots: Iterable[str]) -> bool:
     return any(name == root or name.startswith(root + ".") for root in roots)
 
 
-def seed_base(model: nn.Module, config: PopupConfig, masked: Iterable[str]) -> None:
+def seed_base(
+    model: nn.Module,
+    config: PopupConfig,
+    masked: Iterable[str],
+    reference: Callable[[], nn.Module] | None = None,
+) -> None:
     """Set every parameter of ``model`` from ``(config.seed, its name)`` and freeze the base.
 
-    ``masked`` names the masked parameters (``"layer1.0.conv1.weight"``). Rules, per tensor (a
-    tied tensor is set once, under the first of its names in sorted order): a masked tensor, and
-    the weight of a Linear/Conv/Conv1D layer, is drawn by ``config.init`` with its fan-in (times
-    k for a masked tensor with ``scale_fan``); norms become identity (weight 1, bias 0); other
-    biases become 0; a tensor the constructor left constant (e.g. layer-scale ``gamma``) stays as
-    it is; every other tensor (embeddings, position embeddings, class tokens) is drawn from
+    Rules, per tensor (a tied tensor is set once, under the first of its names in sorted
+    order): a masked tensor, and the weight of a Linear/Conv/Conv1D layer, is drawn by
+    ``config.init`` with its fan-in (times k for a masked tensor with ``scale_fan``); norms
+    become identity (weight 1, bias 0); other biases become 0; a tensor the architecture's
+    constructor sets to a constant (layer-scale ``gamma``) gets that constant (see
+    ``reference``); every other tensor (embeddings, position embeddings, class tokens) is drawn from
     N(0, s^2), s the model config's ``initializer_range`` or 0.02. BatchNorm running statistics
     are reset. With ``init="keep"`` only ``reseed_modules`` are drawn (their layer weights
     signed-constant).
+
+    Args:
+        model: the plain model, changed in place.
+        config: its adapter's config (``init``, ``seed``, ``scale_fan``, ``k``,
+            ``reseed_modules``).
+        masked: the masked parameters' names (``"layer1.0.conv1.weight"``).
+        reference: builds the same architecture afresh (from the stored spec). A vector
+            outside layers, norms and biases that is not constant in ``model`` (a pretrained
+            model's trained layer scales) takes the constant it has there, so that the base
+            depends on the seed and the architecture, not on the weights passed in; built at
+            most once, and only when needed. A constant scalar or vector keeps its value (a
+            constructor argument such as ``ls_init_value``: the structure and fingerprint
+            checks catch a rebuild without it).
     """
     masked = set(masked)
+    fresh = _FreshValues(reference)
     std = getattr(getattr(model, "config", None), "initializer_range", _DEFAULT_EMBEDDING_STD)
     layer_init = "signed_constant" if config.init == "keep" else config.init
     owners: dict[int, list[tuple[str, nn.Module, str]]] = defaultdict(list)
@@ -134,7 +153,9 @@ def seed_base(model: nn.Module, config: PopupConfig, masked: Iterable[str]) -> N
                 value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
             elif leaf == "bias":
                 value = torch.zeros(param.shape)
-            elif param.numel() == 1 or bool((param == param.flatten()[0]).all()):
+            elif param.ndim <= 1 and (constant := fresh.constant(name, param)) is not None:
+                value = constant
+            elif param.ndim > 1 and _is_constant(param):
                 continue
             else:
                 value = normal_values(config.seed, name, param.shape, std)
@@ -143,6 +164,36 @@ def seed_base(model: nn.Module, config: PopupConfig, masked: Iterable[str]) -> N
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.reset_running_stats()
+
+
+def _is_constant(tensor: torch.Tensor) -> bool:
+    return tensor.numel() == 1 or bool((tensor == tensor.flatten()[0]).all())
+
+
+class _FreshValues:
+    """The constants a freshly built architecture gives its scalars and vectors."""
+
+    def __init__(self, reference: Callable[[], nn.Module] | None) -> None:
+        self._reference = reference
+        self._params: dict[str, torch.Tensor] | None = None
+
+    def constant(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
+        """The constant ``param`` gets: its own value when it is constant (what its
+        constructor set, e.g. from ``ls_init_value``), else its value in the fresh
+        architecture when that is a constant (a trained layer scale goes back to its init);
+        None when neither is."""
+        if _is_constant(param):
+            return param.detach().clone()
+        if self._reference is None:
+            return None
+        if self._params is None:
+            with torch.random.fork_rng(devices=[]):  # the build draws from the global RNG
+                built = self._reference()
+            self._params = dict(built.named_parameters(remove_duplicate=False))
+        value = self._params.get(name)
+        if value is None or value.shape != param.shape or not _is_constant(value):
+            return None
+        return value.detach().clone()
 
 
 # -- the structure of a base

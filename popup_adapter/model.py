@@ -125,7 +125,13 @@ class PopupModel(nn.Module):
         self.coverage: Coverage = matrix_coverage(model, self.targets, config.modules_to_save or [])
         if targets is None and config.target_modules is None and config.exclude_modules is None:
             warn_unmasked(self.coverage)
-        seed_base(model, config, (target.parameter_path for target in self.targets))
+        rebuildable = self.base_spec["library"] != "custom"
+        seed_base(
+            model,
+            config,
+            (target.parameter_path for target in self.targets),
+            reference=(lambda: build_base(self.base_spec)) if rebuildable else None,
+        )
         _inject(model, self.targets, config.modules_to_save or [])
         self._add_scores(adapter_name, config, draw_scores)
         #: the trained norms' values before any training: where a new adapter's start

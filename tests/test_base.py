@@ -114,3 +114,34 @@ def test_tied_and_shared_are_part_of_the_structure():
     shared = torch.nn.Sequential(torch.nn.Linear(2, 2))
     shared.add_module("again", shared[0])
     assert describe_structure(shared)["again"] == {"alias of": "0"}
+
+
+def test_the_base_depends_on_the_seed_and_architecture_not_the_weights_passed_in(tmp_path):
+    """A "pretrained" ConvNeXt (trained layer scales) adapted with a random init gets the layer
+    scales a fresh build has, so the artifact rebuilt from its spec alone loads (main kept the
+    trained values: BaseMismatchError on load). Building the reference leaves the caller's
+    global RNG alone."""
+    import timm
+
+    def trained_convnext():
+        model = timm.create_model("convnext_atto", pretrained=False)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("gamma"):
+                    param.uniform_(0.1, 0.5)
+        return model
+
+    fresh = get_popup_model(timm.create_model("convnext_atto", pretrained=False), k=0.5)
+    trained = trained_convnext()
+    state = torch.random.get_rng_state()
+    adapted = get_popup_model(trained, k=0.5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    gamma = adapted.base_model.stages[0].blocks[0].gamma
+    assert torch.equal(gamma, torch.full_like(gamma, 1e-6))
+    assert adapted.base_fingerprint == fresh.base_fingerprint
+    adapted.save_pretrained(tmp_path / "art")
+    loaded = PopupModel.from_pretrained(tmp_path / "art")
+    x = torch.randn(1, 3, 64, 64)
+    adapted.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), adapted(x))
