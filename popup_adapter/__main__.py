@@ -7,15 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .artifact import artifact_summary, read_artifact
+from .artifact import artifact_summary
 from .errors import PopupError
-from .hub import artifact_folder
+from .hub import open_artifact
 from .specs import describe
 
 
 def inspect_artifact(path_or_repo_id: str, revision: str | None = None) -> str:
     """The report ``inspect`` prints: base, k, seed, fingerprint, and each layer's bytes."""
-    artifact = read_artifact(artifact_folder(path_or_repo_id, revision=revision))
+    artifact = open_artifact(path_or_repo_id, revision)
     summary = artifact_summary(artifact)
     config = artifact.config
     bits_per_weight = 8 * summary["mask_bytes"] / summary["weights"]

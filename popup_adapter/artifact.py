@@ -27,22 +27,22 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import ModelCard, ModelCardData
+from safetensors import SafetensorError
+from safetensors.numpy import load
+from safetensors.torch import save
 
 from . import __version__
 from .base import first_difference, structure_fingerprint
 from .codec import decode_mask, encode_mask, entropy_bits
 from .config import PopupConfig
 from .errors import ArtifactError, BaseMismatchError
-from .layers import whole_tensor
 from .specs import describe
 from .targets import MaskTarget
-
-if TYPE_CHECKING:
-    from .model import PopupModel
 
 FORMAT_VERSION = 2
 #: the formats this version reads (every one a release wrote)
@@ -91,25 +91,41 @@ class ArtifactFiles:
         return folder
 
 
-def collect_artifact(
-    model: PopupModel,
-    adapter_name: str | None = None,
+@dataclass
+class ArtifactContents:
+    """What an artifact records, as plain data (a :class:`~popup_adapter.PopupModel` gathers
+    it, see ``PopupModel.artifact_contents``): this module never sees a model."""
+
+    adapter_name: str
+    config: PopupConfig
+    base_spec: dict[str, Any]
+    base_fingerprint: str
+    base_structure: dict[str, str]
+    #: every masked tensor: its target, its boolean mask, and its number of experts (an expert
+    #: bank, one mask each) or None
+    masks: list[tuple[MaskTarget, torch.Tensor, int | None]]
+    #: what training changed besides the masks, by plain names (whole, on any device)
+    state: dict[str, torch.Tensor]
+
+
+def encode_artifact(
+    contents: ArtifactContents,
     dataset: str | None = None,
     metrics: dict[str, float] | None = None,
 ) -> ArtifactFiles:
-    """Encode ``adapter_name``'s mask (default: the active one) and what else training changed.
+    """Encode ``contents`` as the artifact's files, in memory.
 
-    Separate from writing because under FSDP this gathers sharded tensors, which every process
-    must do together; then one process writes.
+    Args:
+        contents: the masks and everything else the artifact records.
+        dataset: recorded in the model card.
+        metrics: recorded in the config and the card.
+
+    Returns:
+        The files, to write (:meth:`ArtifactFiles.write`) or push.
     """
-    from safetensors.torch import save
-
-    adapter_name = adapter_name or model.active_adapter
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
-    masks = model.get_masks(adapter_name)
-    for target, layer in model._masked_layers():
-        mask = masks[target.key]
+    for target, mask, experts in contents.masks:
         encoding, payload = encode_mask(mask)
         tensors[_MASK_PREFIX + target.key] = torch.from_numpy(payload)
         layers[target.key] = {
@@ -118,10 +134,10 @@ def collect_artifact(
             "shape": list(mask.shape),
             "kept": int(mask.sum()),
             "encoding": encoding,
-            **({"experts": layer.num_masks} if layer.per_expert else {}),
+            **({"experts": experts} if experts is not None else {}),
         }
-    for name, value in model.trained_state(adapter_name).items():
-        tensors[_STATE_PREFIX + name] = whole_tensor(value).to("cpu").contiguous()
+    for name, value in contents.state.items():
+        tensors[_STATE_PREFIX + name] = value.to("cpu").contiguous()
     blob = save(
         # one metadata key: safetensors writes several in no fixed order, and identical saves
         # should be identical bytes (the same sha256, so the Hub and its cache deduplicate them)
@@ -132,14 +148,14 @@ def collect_artifact(
         "format_version": FORMAT_VERSION,
         "library": "popup_adapter",
         "library_version": __version__,
-        "adapter_name": adapter_name,
-        "config": model.peft_config[adapter_name].to_dict(),
-        "base": model.base_spec,
-        "base_fingerprint": model.base_fingerprint,
+        "adapter_name": contents.adapter_name,
+        "config": contents.config.to_dict(),
+        "base": contents.base_spec,
+        "base_fingerprint": contents.base_fingerprint,
         "structure": {
-            "fingerprint": structure_fingerprint(model.base_structure),
+            "fingerprint": structure_fingerprint(contents.base_structure),
             "library_versions": _library_versions(),
-            "modules": model.base_structure,
+            "modules": contents.base_structure,
         },
         "layers": layers,
         "files": {WEIGHTS_NAME: {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}},
@@ -156,17 +172,6 @@ def _library_versions() -> dict[str, str]:
         if name in sys.modules:
             versions[name] = sys.modules[name].__version__
     return versions
-
-
-def save_artifact(
-    model: PopupModel,
-    save_directory: str | os.PathLike,
-    adapter_name: str | None = None,
-    dataset: str | None = None,
-    metrics: dict[str, float] | None = None,
-) -> Path:
-    """Write ``adapter_name``'s mask (default: the active one) as an artifact folder."""
-    return collect_artifact(model, adapter_name, dataset, metrics).write(save_directory)
 
 
 @dataclass
@@ -252,29 +257,37 @@ class Artifact:
             if key.startswith(_STATE_PREFIX)
         }
 
-    def load_into(self, model: PopupModel, adapter_name: str, check_structure: bool = True) -> None:
-        """Check that ``model``'s base is this mask's (structure, masked tensors, weights), then
-        set ``adapter_name``'s mask and state."""
+    def check_base(
+        self, structure: dict[str, str] | None, shapes: dict[str, list[int]], fingerprint: str
+    ) -> None:
+        """Refuse a base that is not this mask's.
+
+        Args:
+            structure: the base's structure (None: not checked, see :meth:`check_structure`).
+            shapes: every masked tensor of the base, by name, with its shape.
+            fingerprint: the base's weight fingerprint.
+
+        Raises:
+            BaseMismatchError: naming the first difference (structure, masked tensors, a
+                shape, the weights) and the likely cause.
+        """
         where = self.folder / CONFIG_NAME
-        if check_structure:
-            self.check_structure(model.base_structure)
-        masked = dict(model.popup_layers())
-        if set(masked) != set(self.layers):
-            missing = sorted(set(self.layers) - set(masked))[:5]
-            extra = sorted(set(masked) - set(self.layers))[:5]
+        if structure is not None:
+            self.check_structure(structure)
+        if set(shapes) != set(self.layers):
+            missing = sorted(set(self.layers) - set(shapes))[:5]
+            extra = sorted(set(shapes) - set(self.layers))[:5]
             raise BaseMismatchError(
                 f"{where} masks other layers than this model has (in the artifact only: "
                 f"{missing}; in the model only: {extra}); the base is not "
                 f"{describe(self.base_spec)} as the mask expects"
             )
-        for name, layer in masked.items():
-            shape = list(layer.base_weight.shape)
+        for name, shape in shapes.items():
             if shape != self.layers[name]["shape"]:
                 raise BaseMismatchError(
                     f"{where}: the mask of layer {name!r} has shape "
                     f"{self.layers[name]['shape']}, the model's weight {shape}"
                 )
-        fingerprint = model.base_fingerprint
         if fingerprint != self.base_fingerprint:
             raise BaseMismatchError(
                 f"the regenerated base does not match the mask in {where}: fingerprint "
@@ -285,18 +298,10 @@ class Artifact:
                 "differently from the one that saved it "
                 f"(saved with popup_adapter {self.meta.get('library_version')})"
             )
-        with torch.no_grad():
-            for name, layer in masked.items():
-                layer.load_mask(adapter_name, self.mask(name))
-        model.load_trained_state(
-            adapter_name, self.stored_state(), where=self.folder / WEIGHTS_NAME
-        )
 
 
 def read_artifact(folder: str | os.PathLike) -> Artifact:
     """Read and check an artifact folder; every problem raises :class:`ArtifactError`."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
 
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -396,8 +401,6 @@ model = PopupModel.from_pretrained("{{ repo_hint }}")  # rebuilds the base, appl
 
 
 def _model_card(meta: dict[str, Any], file_bytes: int) -> str:
-    from huggingface_hub import ModelCard, ModelCardData
-
     config = meta["config"]
     numel = sum(math.prod(layer["shape"]) for layer in meta["layers"].values())
     base = describe(meta["base"])

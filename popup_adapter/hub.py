@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .artifact import ARTIFACT_FILES, CONFIG_NAME, ArtifactFiles, collect_artifact
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .artifact import ARTIFACT_FILES, CONFIG_NAME, Artifact, ArtifactFiles, read_artifact
 from .errors import ArtifactError
-
-if TYPE_CHECKING:
-    from .model import PopupModel
 
 
 def artifact_folder(
@@ -30,19 +34,11 @@ def artifact_folder(
     ``local_files_only`` use the cache alone)."""
     if Path(path_or_repo_id).is_dir():
         if revision is not None:
-            raise ValueError(
+            raise ArtifactError(
                 f"revision={revision!r} applies to Hub repos, but "
                 f"{path_or_repo_id} is a local folder"
             )
         return Path(path_or_repo_id)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     repo_id = str(path_or_repo_id)
     at = f"{repo_id}@{revision or 'main'}"
     try:
@@ -81,21 +77,23 @@ def artifact_folder(
     return folder
 
 
-def push_artifact(
-    model: PopupModel,
-    repo_id: str,
-    private: bool | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    token: str | None = None,
-    adapter_name: str | None = None,
-    dataset: str | None = None,
-    metrics: dict[str, float] | None = None,
-):
-    """Upload ``model``'s artifact as one commit (creating the repo and branch if needed);
-    returns huggingface_hub's ``CommitInfo``."""
-    files = collect_artifact(model, adapter_name, dataset=dataset, metrics=metrics)
-    return push_artifact_files(files, repo_id, private, revision, commit_message, token)
+def open_artifact(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs
+) -> Artifact:
+    """The artifact in a local folder or a Hub repo, read and checked.
+
+    Args:
+        path_or_repo_id: a folder, or a Hub repo id (downloaded into the Hub cache).
+        revision: a branch, tag or commit of the Hub repo.
+        **hub_kwargs: ``token``, ``cache_dir``, ``local_files_only`` for the download.
+
+    Returns:
+        The :class:`~popup_adapter.artifact.Artifact`, its files checked against each other.
+
+    Raises:
+        ArtifactError: the folder, repo, revision or a file is missing or malformed.
+    """
+    return read_artifact(artifact_folder(path_or_repo_id, revision=revision, **hub_kwargs))
 
 
 def push_artifact_files(
@@ -106,10 +104,13 @@ def push_artifact_files(
     commit_message: str | None = None,
     token: str | None = None,
 ):
-    """Upload collected artifact files (:func:`~popup_adapter.artifact.collect_artifact`) as
-    one commit: what a training loop's main process pushes after all processes collected."""
-    from huggingface_hub import HfApi
+    """Upload an artifact's files (see ``PopupModel.artifact_files``) as one commit, creating
+    the repo and the branch if needed: what ``push_to_hub`` and a training loop's main process
+    (after every process gathered the masks) do.
 
+    Returns:
+        huggingface_hub's ``CommitInfo``.
+    """
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and revision != "main":

@@ -34,7 +34,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .artifact import collect_artifact
 from .checkpoints import TrainingProgress, latest_checkpoint, save_checkpoint
 from .distributed import (
     check_fsdp_plugin,
@@ -301,7 +300,7 @@ def save_result(run: Run, args: TrainingArguments, metrics: dict[str, float]) ->
     with full_parameters(run.model):
         if isinstance(unwrapped, PopupModel):
             check_masks_agree(accelerator, unwrapped, run.log)
-            files = collect_artifact(unwrapped, dataset=args.dataset_name, metrics=metrics)
+            files = unwrapped.artifact_files(dataset=args.dataset_name, metrics=metrics)
             if accelerator.is_main_process:
                 files.write(args.output_dir)
                 if args.push_to_hub:

@@ -8,7 +8,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from popup_adapter import PopupModel, get_popup_model
-from popup_adapter.artifact import collect_artifact
 from popup_adapter.convnets import create_conv_net
 from popup_adapter.distributed import check_fsdp_units, full_parameters
 
@@ -70,7 +69,7 @@ def _fsdp2_step(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
     optimizer.step()
     masks = model.get_masks()  # DTensor scores: each rank gathers the whole layer
     with full_parameters(model):  # how the training loop saves: all gather, rank 0 writes
-        files = collect_artifact(model)
+        files = model.artifact_files()
         if rank == 0:
             files.write(os.path.join(out_dir, "artifact"))
         dist.barrier()
@@ -144,7 +143,7 @@ def _accelerate_fsdp2_step(rank: int, world_size: int, port: int, out_dir: str) 
         model(x).square().mean().backward()
         optimizer.step()
         with full_parameters(model):
-            files = collect_artifact(model)
+            files = model.artifact_files()
             if rank == 0:
                 files.write(os.path.join(out_dir, "artifact"))
             accelerator.wait_for_everyone()

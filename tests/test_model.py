@@ -12,7 +12,7 @@ from popup_adapter import (
     TargetModulesError,
     get_popup_model,
 )
-from popup_adapter.model import is_norm_module
+from popup_adapter.base import is_norm_module
 
 #: sha256 of each model's seed-0 base (k=0.3, signed_constant). These pin the random base:
 #: if one changes, every mask published for that architecture stops loading.

@@ -1,0 +1,97 @@
+"""How wrappers go into a module tree and come back out.
+
+A masked module is replaced by its :class:`~popup_adapter.layers.PopupLayer` (a module with
+several masked parameters by nested ones), a saved module by its
+:class:`~popup_adapter.adapters.ModulesToSaveWrapper`, under every name the module is reachable
+by, so that a shared module stays one module. Merging and unloading put a replacement wherever
+a wrapper is; matching a further adapter's targets runs on a view of the plain tree.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import defaultdict
+from collections.abc import Callable
+
+from torch import nn
+
+from .adapters import ModulesToSaveWrapper
+from .layers import PopupLayer, create_popup_layer
+from .targets import MaskTarget, module_aliases
+
+#: path segments that wrappers insert; removed to recover the base model's own names
+_WRAPPER_SEGMENTS = re.compile(r"\.(base_layer|original_module)(?=\.|$)")
+
+
+def base_name(name: str) -> str:
+    """A name in the adapted model mapped back to the name it had in the plain model."""
+    return _WRAPPER_SEGMENTS.sub("", name)
+
+
+def inject_wrappers(model: nn.Module, targets: list[MaskTarget], saved: list[str]) -> None:
+    """Wrap every target's module (one wrapper per module, nesting a wrapper per masked
+    parameter) and every saved module, under every name the module has. The wrappers are made
+    on the plain tree first, then put in place the deepest first, so that each parent is still
+    the plain module when its child is replaced."""
+    parameters: dict[str, list[str]] = defaultdict(list)
+    for target in targets:
+        parameters[target.module].append(target.parameter)
+    wrappers = {
+        name: create_popup_layer(model.get_submodule(name), names)
+        for name, names in parameters.items()
+    }
+    wrappers.update({name: ModulesToSaveWrapper(model.get_submodule(name)) for name in saved})
+    aliases = module_aliases(model)
+    uses = [(alias, wrapper) for name, wrapper in wrappers.items() for alias in aliases[name]]
+    for alias, wrapper in sorted(uses, key=lambda use: -use[0].count(".")):
+        replace_module(model, alias, wrapper)
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` under ``root``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def tied_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters held by more than one module (a module used under several names counts
+    once)."""
+    seen: dict[int, int] = defaultdict(int)
+    for _, module in model.named_modules():
+        for _, param in module.named_parameters(recurse=False):
+            seen[id(param)] += 1
+    return {pid for pid, count in seen.items() if count > 1}
+
+
+def unwrapped_view(module: nn.Module, copies: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A shallow copy of the module tree with every wrapper replaced by what it wraps
+    (parameters shared; a module used under several names stays one module)."""
+    copies = {} if copies is None else copies
+    if isinstance(module, PopupLayer):
+        module = module.unloaded_base_layer()
+    elif isinstance(module, ModulesToSaveWrapper):
+        module = module.original_module
+    if id(module) not in copies:
+        view = copies[id(module)] = copy.copy(module)
+        view._modules = {
+            name: None if child is None else unwrapped_view(child, copies)
+            for name, child in module._modules.items()
+        }
+    return copies[id(module)]
+
+
+def replace_wrappers(root: nn.Module, replacement: Callable[[nn.Module], nn.Module]) -> None:
+    """Put ``replacement(wrapper)`` wherever a wrapper is used (under every name of a shared
+    one, computed once), the deepest first, so that nested wrappers are gone before their
+    parents' turn."""
+    uses = [
+        (name, module)
+        for name, module in root.named_modules(remove_duplicate=False)
+        if isinstance(module, (PopupLayer, ModulesToSaveWrapper))
+    ]
+    done: dict[int, nn.Module] = {}
+    for name, module in sorted(uses, key=lambda use: -use[0].count(".")):
+        if id(module) not in done:
+            done[id(module)] = replacement(module)
+        replace_module(root, name, done[id(module)])

@@ -1,0 +1,262 @@
+"""How several adapters share one backbone: switching, adding, deleting, and what each owns.
+
+:class:`MultiAdapterMixin` is the adapter half of :class:`~popup_adapter.PopupModel` (PEFT's
+tuners have the same methods): the masks are in the masked layers, the ``modules_to_save``
+copies in their wrappers, and every inactive adapter's BatchNorm statistics and trained norms
+in an :class:`~popup_adapter.adapters.AdapterBank`. It relies on the host model for
+``base_model``, ``peft_config``, ``active_adapter``, ``targets``, ``_bank``, ``_initial_norms``,
+and ``_masked_layers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import nn
+
+from .adapters import (
+    BATCHNORM_STATS,
+    ModulesToSaveWrapper,
+    adapter_parameter_owner,
+    initial_batchnorm_stats,
+)
+from .base import is_inside, is_norm_module
+from .config import PopupConfig
+from .errors import AdapterError, ArtifactError
+from .injection import base_name, unwrapped_view
+from .layers import PopupLayer
+from .seeding import score_values
+from .targets import resolve_targets
+
+
+class MultiAdapterMixin:
+    """Adapter management for :class:`~popup_adapter.PopupModel`."""
+
+    @property
+    def _backbone_config(self) -> PopupConfig:
+        """A config of this backbone: every adapter's agrees on the base, the targets, the
+        saved modules and the norm policy (``add_adapter`` checks)."""
+        return next(iter(self.peft_config.values()))
+
+    def _trained_roots(self) -> list[str]:
+        config = self._backbone_config
+        return list(config.modules_to_save or []) + [name for name, _ in self._trained_norms()]
+
+    def _trained_norms(self) -> list[tuple[str, nn.Module]]:
+        if not self._backbone_config.train_norms:
+            return []
+        return [(name, module) for name, module in self._base_modules() if is_norm_module(module)]
+
+    def _base_modules(self) -> list[tuple[str, nn.Module]]:
+        """The plain model's modules by their plain names, outside ``modules_to_save``."""
+        saved = list(self._backbone_config.modules_to_save or [])
+        return [
+            (base_name(n), m)
+            for n, m in self.base_model.named_modules()
+            if ".modules_to_save." not in n and not is_inside(base_name(n), saved)
+        ]
+
+    def trained_state(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """What training changed besides the mask, by plain names: BatchNorm statistics,
+        ``modules_to_save`` and trained norms. The tensors are live views: copying into them
+        sets the model's state (this is how an artifact is loaded)."""
+        adapter_name = adapter_name or self.active_adapter
+        self._check_adapter(adapter_name)
+        state = self._bank.state(adapter_name, active=adapter_name == self.active_adapter)
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                copy_ = module.modules_to_save[adapter_name]
+                for key, value in copy_.state_dict(keep_vars=True).items():
+                    state[f"{base_name(name)}.{key}"] = value
+        return {key: value.detach() for key, value in state.items()}
+
+    def load_trained_state(
+        self, adapter_name: str, state: dict[str, torch.Tensor], where: object = "the given state"
+    ) -> None:
+        """Inverse of :meth:`trained_state`; every tensor must be there, with its shape."""
+        target = self.trained_state(adapter_name)
+        if set(target) != set(state):
+            missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+            raise ArtifactError(
+                f"{where}: stored tensors do not fit this model (missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        with torch.no_grad():
+            for key, value in state.items():
+                if value.shape != target[key].shape:
+                    raise ArtifactError(
+                        f"{where}: {key} has shape {tuple(value.shape)}, the "
+                        f"model's is {tuple(target[key].shape)}"
+                    )
+                target[key].copy_(value)
+
+    def set_trainable(self, is_trainable: bool, adapter_name: str | None = None) -> None:
+        """Freeze (inference: eval mode too) or unfreeze ``adapter_name``'s trainable tensors."""
+        adapter_name = adapter_name or self.active_adapter
+        if adapter_name == self.active_adapter:
+            for key, value in self.named_parameters():
+                if adapter_parameter_owner(key) == adapter_name:
+                    value.requires_grad_(is_trainable)
+            for _, module in self._trained_norms():
+                module.requires_grad_(is_trainable)
+        if not is_trainable:
+            self.eval()
+
+    def add_adapter(
+        self, adapter_name: str, config: PopupConfig, *, draw_scores: bool = True
+    ) -> None:
+        """Add a further mask over the same backbone (it does not become active by itself);
+        ``draw_scores`` as in the constructor."""
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"adapter {adapter_name!r} exists already; delete_adapter it first")
+        first = next(iter(self.peft_config.values()))
+        if config.base_defining() != first.base_defining():
+            raise AdapterError(
+                f"adapter {adapter_name!r} needs another base ({config.base_defining()}) than "
+                f"this backbone's ({first.base_defining()}); masks over one backbone must share "
+                "init, seed, scale_fan and the norm policy"
+            )
+        with warnings.catch_warnings():  # the first adapter's resolution warned already
+            warnings.simplefilter("ignore")
+            wanted = resolve_targets(self.unload_view(), config)
+        if wanted != self.targets or (config.modules_to_save or []) != (
+            first.modules_to_save or []
+        ):
+            raise AdapterError(
+                f"adapter {adapter_name!r} must mask the same layers and save the "
+                "same modules as the others on this backbone"
+            )
+        self._add_scores(adapter_name, config, draw_scores)
+        initial = dict(self._initial_norms)
+        for name, bn in self._batchnorms():
+            initial.update(initial_batchnorm_stats(bn, name))
+        self._bank.add(adapter_name, initial)
+        self._set_requires_grad()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the mask (and BatchNorm statistics) the forward pass uses."""
+        self._check_adapter(adapter_name)
+        previous = self.active_adapter
+        if previous != adapter_name and previous in self.peft_config:
+            self._bank.switch(previous, adapter_name)
+        self.active_adapter = adapter_name
+        for module in self.base_model.modules():
+            if isinstance(module, (PopupLayer, ModulesToSaveWrapper)):
+                module.set_adapter(adapter_name)
+        self._set_requires_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove a mask; deleting the active one activates the first remaining."""
+        self._check_adapter(adapter_name)
+        if len(self.peft_config) == 1:
+            raise AdapterError(
+                "cannot delete the only adapter; use unload() to get the plain model"
+            )
+        del self.peft_config[adapter_name]
+        for module in self.base_model.modules():
+            if isinstance(module, (PopupLayer, ModulesToSaveWrapper)):
+                module.delete_adapter(adapter_name)
+        if adapter_name == self.active_adapter:
+            successor = next(iter(self.peft_config))
+            self._bank.switch(None, successor)  # the deleted adapter's values go with it
+            self.active_adapter = None
+            self.set_adapter(successor)
+        else:
+            self._bank.remove(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the dense random (or pretrained) base, every weight used, inside this block."""
+        wrappers = [
+            m
+            for m in self.base_model.modules()
+            if isinstance(m, (PopupLayer, ModulesToSaveWrapper))
+        ]
+        for module in wrappers:
+            module.disable_adapters = True
+        try:
+            yield
+        finally:
+            for module in wrappers:
+                module.disable_adapters = False
+
+    def batchnorm_stats(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """``{"<bn name>.running_mean": ..., ...}`` of ``adapter_name`` (default: active)."""
+        adapter_name = adapter_name or self.active_adapter
+        self._check_adapter(adapter_name)
+        state = self._bank.state(adapter_name, active=adapter_name == self.active_adapter)
+        return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in BATCHNORM_STATS}
+
+    def _set_requires_grad(self) -> None:
+        config = self._backbone_config
+        for module in self.base_model.modules():
+            if is_norm_module(module) and config.train_norms:
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(True)
+
+    def _norm_parameters(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{leaf}": param
+            for name, module in self._trained_norms()
+            for leaf, param in module.named_parameters(recurse=False)
+        }
+
+    def _shared_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors every adapter has its own values of (see :class:`AdapterBank`)."""
+        shared = self._norm_parameters()
+        for name, bn in self._batchnorms():
+            shared.update({f"{name}.{stat}": getattr(bn, stat) for stat in BATCHNORM_STATS})
+        return shared
+
+    def _batchnorms(self) -> list[tuple[str, nn.Module]]:
+        return [
+            (name, module)
+            for name, module in self._base_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        ]
+
+    def _check_adapter(self, adapter_name: str | None) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterError(
+                f"unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}"
+            )
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        """The frozen random (or pretrained) base, by its plain-model names: every tensor an
+        artifact does not store. BatchNorm statistics, ``modules_to_save`` and trainable norms
+        are trained and stored, so they are left out."""
+        stored = self._trained_roots()
+        state = {}
+        for name, tensor in self.base_model.state_dict(keep_vars=True).items():
+            if ".popup_scores." in name or ".modules_to_save." in name:
+                continue
+            plain = base_name(name)
+            if (
+                not is_inside(plain.rsplit(".", 1)[0], stored)
+                and plain.rsplit(".", 1)[-1] not in BATCHNORM_STATS
+            ):
+                state[plain] = tensor.detach()
+        return state
+
+    def unload_view(self) -> nn.Module:
+        """A shallow view of the plain model's module tree (wrappers replaced), for matching."""
+        return unwrapped_view(self.base_model)
+
+    def _add_scores(self, adapter_name: str, config: PopupConfig, draw_scores: bool) -> None:
+        self.peft_config[adapter_name] = config
+        for target, layer in self._masked_layers():
+            weight = layer.base_weight
+            if not draw_scores:
+                scores = torch.zeros(weight.shape)
+            elif config.score_init == "magnitude":
+                scores = weight.detach().abs().float().clone()
+            else:
+                scores = score_values(
+                    config.seed, target.parameter_path, weight.shape, layer.fan_in
+                )
+            layer.update_layer(adapter_name, config.k, scores)
+        for module in self.base_model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
