@@ -10,6 +10,7 @@ import sys
 from .artifact import artifact_summary
 from .errors import PopupError
 from .hub import open_artifact
+from .kernels import load_kernels
 from .specs import describe
 
 
@@ -54,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("build-kernels", help="compile the fused CPU kernels now")
     args = parser.parse_args(argv)
     if args.command == "build-kernels":
-        from .kernels import load_kernels
-
         built = load_kernels()
         print("fused CPU kernels: " + ("built and loaded" if built else "not available"))
         return 0 if built else 1

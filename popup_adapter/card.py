@@ -1,0 +1,83 @@
+"""The model card an artifact carries (``README.md``): what a Hub visitor reads first."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .specs import describe
+
+_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+An [edge-popup](https://arxiv.org/abs/1911.13299) supermask over {{ base }}, made with
+[popup_adapter](https://github.com/popup-adapter/popup_adapter). The weights are not stored:
+the base is regenerated from seed {{ seed }} ({{ init }} init) and verified by its fingerprint,
+then the mask keeps {{ k_percent }} of each masked layer's weights.
+
+| | |
+|---|---|
+| base | {{ base }} |
+| fraction of weights kept (k) | {{ k }} |
+| seed / init | {{ seed }} / {{ init }} |
+| masked layers / weights | {{ n_layers }} / {{ n_weights }} |
+| tensor file | {{ file_bytes }} bytes ({{ bits_per_weight }} bits per masked weight) |
+| base fingerprint | `{{ fingerprint }}` |
+{% if dataset %}| dataset | {{ dataset }} |
+{% endif %}{% for name, value in metrics.items() %}| {{ name }} | {{ value }} |
+{% endfor %}
+## Usage
+
+```python
+from popup_adapter import PopupModel
+
+model = PopupModel.from_pretrained("{{ repo_hint }}")  # rebuilds the base, applies the mask
+```
+"""
+
+
+def model_card(meta: dict[str, Any], file_bytes: int) -> str:
+    """The card of an artifact whose ``popup_config.json`` is ``meta`` and whose tensor file
+    has ``file_bytes`` bytes: what the base is, k, the seed, the size, how to load it."""
+    config = meta["config"]
+    numel = sum(math.prod(layer["shape"]) for layer in meta["layers"].values())
+    base = describe(meta["base"])
+    tags = ["popup-adapter", "edge-popup", "supermask", meta["base"]["library"]]
+    data = ModelCardData(
+        library_name="popup-adapter",
+        tags=tags,
+        datasets=[meta["dataset"]] if meta["dataset"] else None,
+        metrics=sorted(meta["metrics"]) or None,
+        popup={
+            "base": base,
+            "k": config["k"],
+            "seed": config["seed"],
+            "init": config["init"],
+            "base_fingerprint": meta["base_fingerprint"],
+            "metrics": meta["metrics"],
+        },
+    )
+    card = ModelCard.from_template(
+        data,
+        template_str=_CARD_TEMPLATE,
+        title=f"{base} edge-popup mask (k={config['k']})",
+        base=base,
+        seed=config["seed"],
+        init=config["init"],
+        k=config["k"],
+        k_percent=f"{100 * config['k']:g}%",
+        n_layers=len(meta["layers"]),
+        n_weights=f"{numel:,d}",
+        file_bytes=f"{file_bytes:,d}",
+        bits_per_weight=f"{8 * file_bytes / max(numel, 1):.3f}",
+        fingerprint=meta["base_fingerprint"],
+        dataset=meta["dataset"],
+        metrics=meta["metrics"],
+        repo_hint="path/or/repo-id",
+    )
+    return str(card)
