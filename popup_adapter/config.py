@@ -103,7 +103,11 @@ class PopupConfig:
             setattr(self, name, value)
 
     def base_defining(self) -> dict[str, Any]:
-        """The fields that decide the random base; adapters sharing one backbone must agree."""
+        """The fields that decide the random base; adapters sharing one backbone must agree.
+
+        Returns:
+            ``{field: value}`` of init, seed, scale_fan, the norm policy and reseeded modules.
+        """
         fields = {
             "init": self.init,
             "seed": self.seed,
@@ -116,12 +120,24 @@ class PopupConfig:
         return fields
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (used by the artifact's ``popup_config.json``)."""
+        """Returns:
+        Every field, JSON-serialisable (as the artifact's ``popup_config.json`` stores it).
+        """
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PopupConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error rather than silently dropped."""
+        """The inverse of :meth:`to_dict`.
+
+        Args:
+            data: fields by name (those missing take their defaults).
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConfigError: an unknown key (rather than silently dropped), or an impossible value.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import ConfigError
+
 #: channels of the conv pairs, per depth
 CONV_STAGES = {2: (64,), 4: (64, 128), 6: (64, 128, 256)}
 
@@ -27,9 +29,9 @@ class ConvNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth not in CONV_STAGES:
-            raise ValueError(f"depth must be one of {sorted(CONV_STAGES)}, got {depth}")
+            raise ConfigError(f"depth must be one of {sorted(CONV_STAGES)}, got {depth}")
         if width <= 0:
-            raise ValueError(f"width must be positive, got {width}")
+            raise ConfigError(f"width must be positive, got {width}")
         layers: list[nn.Module] = []
         channels, size = in_chans, image_size
         for stage_channels in CONV_STAGES[depth]:
@@ -66,7 +68,18 @@ class ConvNet(nn.Module):
 
 
 def create_conv_net(name: str = "conv4", **kwargs) -> ConvNet:
-    """``create_conv_net("conv6", width=0.5)``: the paper's ConvX by name."""
+    """The paper's ConvX by name: ``create_conv_net("conv6", width=0.5)``.
+
+    Args:
+        name: ``conv2``, ``conv4`` or ``conv6``.
+        **kwargs: :class:`ConvNet`'s ``width``, ``in_chans``, ``num_classes``, ``image_size``.
+
+    Returns:
+        The network, with random weights (``get_popup_model`` redraws them from the seed).
+
+    Raises:
+        ConfigError: an unknown name, depth or width.
+    """
     if not (name.startswith("conv") and name[4:].isdigit()):
-        raise ValueError(f"unknown conv net {name!r}; choose conv2, conv4 or conv6")
+        raise ConfigError(f"unknown conv net {name!r}; choose conv2, conv4 or conv6")
     return ConvNet(depth=int(name[4:]), **kwargs)

@@ -38,20 +38,28 @@ _USE_KERNELS = os.environ.get("POPUP_ADAPTER_KERNELS", "1") != "0"
 
 
 def use_kernels() -> bool:
-    """Whether layers built from now on use the fused CPU kernels (where they apply)."""
+    """Returns:
+    Whether layers built from now on use the fused CPU kernels (where they apply).
+    """
     return _USE_KERNELS
 
 
 def set_use_kernels(enable: bool) -> None:
-    """Turn the fused kernels on or off for the layers built from now on (layers built before
-    keep their setting); the default comes from ``POPUP_ADAPTER_KERNELS`` at import."""
+    """Turn the fused kernels on or off for the layers built from now on.
+
+    Args:
+        enable: the setting; layers built before keep theirs (their ``use_kernels``). The
+            default comes from ``POPUP_ADAPTER_KERNELS`` at import.
+    """
     global _USE_KERNELS
     _USE_KERNELS = bool(enable)
 
 
 def build_directory() -> Path:
-    """Where the compiled library lives: one folder per source and torch version, under
-    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``, as torch's own)."""
+    """Returns:
+    Where the compiled library lives: one folder per source and torch version, under
+    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``, as torch's own).
+    """
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "torch_extensions"
     )
@@ -61,8 +69,12 @@ def build_directory() -> Path:
 
 @cache
 def load_kernels() -> bool:
-    """Load the CPU kernels, compiling them first if this source and torch version never were;
-    False, with a warning naming the cause, when that is not possible here."""
+    """Load the CPU kernels, compiling them first if this source and torch version never were.
+
+    Returns:
+        Whether they are loaded; False, with a warning naming the cause, when they cannot be
+        built here (the eager path then serves).
+    """
     library = build_directory() / f"{_NAME}.so"
     try:
         if not library.is_file():

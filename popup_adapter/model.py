@@ -21,7 +21,7 @@ from .base import describe_structure, seed_base
 from .config import PopupConfig
 from .errors import AlreadyAdaptedError, BaseMismatchError
 from .hub import open_artifact, push_artifact_files
-from .injection import base_name, inject_wrappers, replace_wrappers, tied_parameter_ids
+from .injection import base_name, inject_wrappers
 from .layers import PopupLayer, whole_tensor
 from .multi_adapter import MultiAdapterMixin
 from .seeding import fingerprint
@@ -46,11 +46,27 @@ def get_popup_model(
 ) -> PopupModel:
     """Adapt ``model`` for edge-popup: wrap its layers with scores and reset its base from the seed.
 
-    ``get_popup_model(timm.create_model("resnet50"), k=0.3)`` is the whole call; keyword
-    arguments override the fields of ``config`` (a :class:`PopupConfig`). ``base_kwargs`` are
-    constructor arguments of a timm model that cannot be read back from the built model (e.g.
-    ``{"act_layer": "gelu", "output_stride": 16}``): stored in the artifact, they rebuild the
-    same network at load time.
+    ``get_popup_model(timm.create_model("resnet50"), k=0.3)`` is the whole call.
+
+    Args:
+        model: any timm, transformers or plain ``nn.Module``; changed in place (its weights
+            are redrawn from the seed, its layers wrapped).
+        config: a :class:`PopupConfig` (default: one from ``overrides``).
+        adapter_name: the name of this first mask.
+        base_kwargs: constructor arguments of a timm model that cannot be read back from the
+            built model (e.g. ``{"act_layer": "gelu", "output_stride": 16}``): stored in the
+            artifact, they rebuild the same network at load time.
+        **overrides: fields of :class:`PopupConfig` (``k=0.3``, ``init=...``), on top of
+            ``config``.
+
+    Returns:
+        The :class:`PopupModel`, its first adapter active and trainable.
+
+    Raises:
+        ConfigError: a config field has an impossible value.
+        TargetModulesError: ``target_modules`` / ``exclude_modules`` match nothing or a
+            module that cannot be masked.
+        AlreadyAdaptedError: ``model`` already carries popup layers.
     """
     if config is None:
         config = PopupConfig(**overrides)
@@ -137,9 +153,13 @@ class PopupModel(MultiAdapterMixin, nn.Module):
 
     # -- inspection
     def popup_layers(self) -> Iterator[tuple[str, PopupLayer]]:
-        """``(name, layer)`` for every masked tensor, named as :attr:`MaskTarget.key`: the
-        plain model's module name for a layer's ``weight``, ``module.parameter`` otherwise (an
-        expert bank). A module reachable under several names appears once."""
+        """Every masked tensor's layer.
+
+        Yields:
+            ``(name, layer)``, named as :attr:`MaskTarget.key`: the plain model's module name
+            for a layer's ``weight``, ``module.parameter`` otherwise (an expert bank). A module
+            reachable under several names appears once.
+        """
         for target, layer in self._masked_layers():
             yield target.key, layer
 
@@ -149,40 +169,42 @@ class PopupModel(MultiAdapterMixin, nn.Module):
                 yield MaskTarget(base_name(name), module.parameter_name), module
 
     def get_masks(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """``{tensor name: bool mask like it}`` for ``adapter_name`` (default: active), named
-        as :meth:`popup_layers` names them."""
+        """The current masks of an adapter.
+
+        Args:
+            adapter_name: whose (default: the active adapter).
+
+        Returns:
+            ``{tensor name: bool mask shaped like it}``, named as :meth:`popup_layers` names
+            them.
+        """
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
         with torch.no_grad():
             return {name: layer.get_mask(adapter_name) for name, layer in self.popup_layers()}
 
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts, shared parameters counted once."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-    def print_trainable_parameters(self) -> None:
-        """Print PEFT's one-line summary of trainable and total parameters, and the share of
-        the model's matrix weights that the masks cover."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f} || "
-            f"masked matrix weights%: {100 * self.coverage.share:.2f}"
-        )
-
     @property
     def base_fingerprint(self) -> str:
         """sha256 of :meth:`base_state`: what a mask must be loaded back onto (sharded tensors
-        are gathered whole: under FSDP every process must ask)."""
+        are gathered whole: under FSDP every process must ask).
+
+        Returns:
+            64 hex digits.
+        """
         return fingerprint((name, whole_tensor(t)) for name, t in self.base_state().items())
 
     # -- artifacts and the Hub
     def artifact_contents(self, adapter_name: str | None = None) -> ArtifactContents:
-        """What an artifact of ``adapter_name`` (default: active) records, gathered whole.
+        """What an artifact of an adapter records, gathered whole.
 
         Under FSDP this gathers sharded tensors, which every process must do together (then
         one process writes): that is why it is separate from writing.
+
+        Args:
+            adapter_name: whose (default: the active adapter).
+
+        Returns:
+            The :class:`~popup_adapter.artifact.ArtifactContents`.
         """
         adapter_name = adapter_name or self.active_adapter
         masks = self.get_masks(adapter_name)
@@ -205,8 +227,14 @@ class PopupModel(MultiAdapterMixin, nn.Module):
         dataset: str | None = None,
         metrics: dict[str, float] | None = None,
     ) -> ArtifactFiles:
-        """The artifact of ``adapter_name`` (default: active) encoded in memory, to write or
-        push; ``dataset`` and ``metrics`` go into the card."""
+        """An adapter's artifact encoded in memory, to write or push.
+
+        Args:
+            adapter_name, dataset, metrics: as in :meth:`save_pretrained`.
+
+        Returns:
+            The :class:`~popup_adapter.artifact.ArtifactFiles`.
+        """
         return encode_artifact(self.artifact_contents(adapter_name), dataset, metrics)
 
     def save_pretrained(
@@ -328,6 +356,13 @@ class PopupModel(MultiAdapterMixin, nn.Module):
     ) -> None:
         """Load a further mask over this backbone as ``adapter_name`` (not made active).
 
+        Args:
+            path_or_repo_id: an artifact folder or a Hub repo id.
+            adapter_name: a new adapter name.
+            revision: a branch, tag or commit of the Hub repo.
+            is_trainable: leave its scores trainable once it is active.
+            **hub_kwargs: as in :meth:`from_pretrained`.
+
         Raises:
             BaseMismatchError: the mask was trained over another base, or masks other tensors.
             AdapterError: ``adapter_name`` exists, or the artifact's config cannot share this
@@ -360,41 +395,5 @@ class PopupModel(MultiAdapterMixin, nn.Module):
                 layer.load_mask(adapter_name, artifact.mask(name))
         where = artifact.folder / WEIGHTS_NAME
         self.load_trained_state(adapter_name, artifact.stored_state(), where=where)
-
-    # -- back to a plain model
-    def merge_and_unload(self) -> nn.Module:
-        """The plain model with the active mask baked in (``W * M``), giving identical outputs.
-
-        A masked weight that was tied to another module (GPT-2's ``lm_head`` and ``wte``) gets a
-        parameter of its own, since only one of the two users was masked; the model's config is
-        told (``tie_word_embeddings = False``) so that saving and reloading it keeps them apart.
-        """
-        tied = tied_parameter_ids(self.base_model)
-        untied = any(id(layer.base_weight) in tied for _, layer in self._masked_layers())
-        adapter = self.active_adapter
-        replace_wrappers(
-            self.base_model,
-            lambda module: (
-                module.merged_base_layer(adapter)
-                if isinstance(module, PopupLayer)
-                else module.modules_to_save[adapter]
-            ),
-        )
-        config = getattr(self.base_model, "config", None)
-        if untied and getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
-        return self.base_model
-
-    def unload(self) -> nn.Module:
-        """The plain model with the original layers back, masks dropped (the dense base)."""
-        replace_wrappers(
-            self.base_model,
-            lambda module: (
-                module.unloaded_base_layer()
-                if isinstance(module, PopupLayer)
-                else module.original_module
-            ),
-        )
-        return self.base_model
 
     # -- internals

@@ -1,11 +1,12 @@
-"""How several adapters share one backbone: switching, adding, deleting, and what each owns.
+"""How adapters live on one backbone: what each owns, switching, adding, deleting, and how
+they come back out (merged or unloaded).
 
-:class:`MultiAdapterMixin` is the adapter half of :class:`~popup_adapter.PopupModel` (PEFT's
+:class:`MultiAdapterMixin` is the tuner half of :class:`~popup_adapter.PopupModel` (PEFT's
 tuners have the same methods): the masks are in the masked layers, the ``modules_to_save``
 copies in their wrappers, and every inactive adapter's BatchNorm statistics and trained norms
 in an :class:`~popup_adapter.adapters.AdapterBank`. It relies on the host model for
-``base_model``, ``peft_config``, ``active_adapter``, ``targets``, ``_bank``, ``_initial_norms``,
-and ``_masked_layers``.
+``base_model``, ``peft_config``, ``active_adapter``, ``targets``, ``coverage``, ``_bank``,
+``_initial_norms`` and ``_masked_layers``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .adapters import (
 from .base import is_inside, is_norm_module
 from .config import PopupConfig
 from .errors import AdapterError, ArtifactError
-from .injection import base_name, unwrapped_view
+from .injection import base_name, replace_wrappers, tied_parameter_ids, unwrapped_view
 from .layers import PopupLayer
 from .seeding import score_values
 from .targets import resolve_targets
@@ -59,9 +60,20 @@ class MultiAdapterMixin:
         ]
 
     def trained_state(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """What training changed besides the mask, by plain names: BatchNorm statistics,
-        ``modules_to_save`` and trained norms. The tensors are live views: copying into them
-        sets the model's state (this is how an artifact is loaded)."""
+        """What training changed besides the mask: BatchNorm statistics, ``modules_to_save``
+        and trained norms.
+
+        Args:
+            adapter_name: whose (default: the active adapter).
+
+        Returns:
+            ``{plain-model name: tensor}``; the tensors are live views (the modules' own for
+            the active adapter, the bank's for another), so copying into them sets that
+            adapter's state: this is how an artifact is loaded.
+
+        Raises:
+            AdapterError: no such adapter.
+        """
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
         state = self._bank.state(adapter_name, active=adapter_name == self.active_adapter)
@@ -75,7 +87,16 @@ class MultiAdapterMixin:
     def load_trained_state(
         self, adapter_name: str, state: dict[str, torch.Tensor], where: object = "the given state"
     ) -> None:
-        """Inverse of :meth:`trained_state`; every tensor must be there, with its shape."""
+        """Set ``adapter_name``'s state from ``state``, the inverse of :meth:`trained_state`.
+
+        Args:
+            adapter_name: whose state to set.
+            state: every tensor :meth:`trained_state` names, each with its shape.
+            where: named in the error messages (a file).
+
+        Raises:
+            ArtifactError: a tensor is missing, unexpected or of another shape.
+        """
         target = self.trained_state(adapter_name)
         if set(target) != set(state):
             missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
@@ -93,7 +114,13 @@ class MultiAdapterMixin:
                 target[key].copy_(value)
 
     def set_trainable(self, is_trainable: bool, adapter_name: str | None = None) -> None:
-        """Freeze (inference: eval mode too) or unfreeze ``adapter_name``'s trainable tensors."""
+        """Freeze or unfreeze an adapter's trainable tensors (scores, ``modules_to_save``
+        copies, trained norms); freezing also puts the model in eval mode.
+
+        Args:
+            is_trainable: True to train, False for inference.
+            adapter_name: whose (default: the active adapter; only the active one trains).
+        """
         adapter_name = adapter_name or self.active_adapter
         if adapter_name == self.active_adapter:
             for key, value in self.named_parameters():
@@ -107,8 +134,17 @@ class MultiAdapterMixin:
     def add_adapter(
         self, adapter_name: str, config: PopupConfig, *, draw_scores: bool = True
     ) -> None:
-        """Add a further mask over the same backbone (it does not become active by itself);
-        ``draw_scores`` as in the constructor."""
+        """Add a further mask over the same backbone; it does not become active by itself.
+
+        Args:
+            adapter_name: a new name.
+            config: its config; the base-defining fields (init, seed, scale_fan, norm policy),
+                the targets and ``modules_to_save`` must be the backbone's.
+            draw_scores: False leaves the scores at zero, for a mask loaded right after.
+
+        Raises:
+            AdapterError: the name exists, or the config needs another base or other targets.
+        """
         if adapter_name in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} exists already; delete_adapter it first")
         first = next(iter(self.peft_config.values()))
@@ -136,7 +172,12 @@ class MultiAdapterMixin:
         self._set_requires_grad()
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the mask (and BatchNorm statistics) the forward pass uses."""
+        """Make ``adapter_name`` the mask the forward pass uses, with its BatchNorm statistics,
+        trained norms and ``modules_to_save``; only its scores train.
+
+        Raises:
+            AdapterError: no such adapter.
+        """
         self._check_adapter(adapter_name)
         previous = self.active_adapter
         if previous != adapter_name and previous in self.peft_config:
@@ -148,7 +189,13 @@ class MultiAdapterMixin:
         self._set_requires_grad()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove a mask; deleting the active one activates the first remaining."""
+        """Remove a mask and everything it owns; deleting the active one activates the first
+        remaining adapter, with that adapter's statistics and norms.
+
+        Raises:
+            AdapterError: no such adapter, or it is the only one (``unload()`` gives the plain
+                model).
+        """
         self._check_adapter(adapter_name)
         if len(self.peft_config) == 1:
             raise AdapterError(
@@ -183,7 +230,15 @@ class MultiAdapterMixin:
                 module.disable_adapters = False
 
     def batchnorm_stats(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """``{"<bn name>.running_mean": ..., ...}`` of ``adapter_name`` (default: active)."""
+        """The BatchNorm running statistics of an adapter.
+
+        Args:
+            adapter_name: whose (default: the active adapter).
+
+        Returns:
+            ``{"<bn name>.running_mean": tensor, ...}`` (``running_var`` and
+            ``num_batches_tracked`` too), live views as in :meth:`trained_state`.
+        """
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
         state = self._bank.state(adapter_name, active=adapter_name == self.active_adapter)
@@ -224,9 +279,12 @@ class MultiAdapterMixin:
             )
 
     def base_state(self) -> dict[str, torch.Tensor]:
-        """The frozen random (or pretrained) base, by its plain-model names: every tensor an
-        artifact does not store. BatchNorm statistics, ``modules_to_save`` and trainable norms
-        are trained and stored, so they are left out."""
+        """The frozen random (or pretrained) base: every tensor an artifact does not store.
+
+        Returns:
+            ``{plain-model name: tensor}``, without BatchNorm statistics, ``modules_to_save``
+            and trained norms (trained, so stored).
+        """
         stored = self._trained_roots()
         state = {}
         for name, tensor in self.base_model.state_dict(keep_vars=True).items():
@@ -241,7 +299,8 @@ class MultiAdapterMixin:
         return state
 
     def unload_view(self) -> nn.Module:
-        """A shallow view of the plain model's module tree (wrappers replaced), for matching."""
+        """A shallow view of the plain model's module tree, wrappers replaced by what they
+        wrap (parameters shared), for matching targets."""
         return unwrapped_view(self.base_model)
 
     def _add_scores(self, adapter_name: str, config: PopupConfig, draw_scores: bool) -> None:
@@ -260,3 +319,63 @@ class MultiAdapterMixin:
         for module in self.base_model.modules():
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name)
+
+    # -- back to a plain model
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """Returns:
+        ``(trainable, total)`` parameter counts, shared parameters counted once.
+        """
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's one-line summary of trainable and total parameters, and the share of
+        the model's matrix weights that the masks cover."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f} || "
+            f"masked matrix weights%: {100 * self.coverage.share:.2f}"
+        )
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain model with the active mask baked in (``W * M``), giving identical outputs.
+
+        A masked weight that was tied to another module (GPT-2's ``lm_head`` and ``wte``) gets a
+        parameter of its own, since only one of the two users was masked; the model's config is
+        told (``tie_word_embeddings = False``) so that saving and reloading it keeps them apart.
+
+        Returns:
+            The plain model (this PopupModel's ``base_model``, unwrapped in place).
+        """
+        tied = tied_parameter_ids(self.base_model)
+        untied = any(id(layer.base_weight) in tied for _, layer in self._masked_layers())
+        adapter = self.active_adapter
+        replace_wrappers(
+            self.base_model,
+            lambda module: (
+                module.merged_base_layer(adapter)
+                if isinstance(module, PopupLayer)
+                else module.modules_to_save[adapter]
+            ),
+        )
+        config = getattr(self.base_model, "config", None)
+        if untied and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """The plain model with the original layers back, masks dropped.
+
+        Returns:
+            The dense base (this PopupModel's ``base_model``, unwrapped in place).
+        """
+        replace_wrappers(
+            self.base_model,
+            lambda module: (
+                module.unloaded_base_layer()
+                if isinstance(module, PopupLayer)
+                else module.original_module
+            ),
+        )
+        return self.base_model

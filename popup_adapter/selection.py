@@ -30,7 +30,15 @@ from . import kernels
 
 
 def num_kept(k: float, numel: int) -> int:
-    """How many of ``numel`` weights a layer keeps: ``round(k * numel)``, and at least one."""
+    """How many of ``numel`` weights a layer keeps.
+
+    Args:
+        k: the fraction kept, in (0, 1].
+        numel: the layer's (or one expert's) number of weights.
+
+    Returns:
+        ``round(k * numel)``, at least one and at most ``numel``.
+    """
     return max(1, min(numel, round(k * numel)))
 
 
@@ -124,8 +132,15 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
     """Boolean mask of the ``kept`` entries of ``scores`` with the largest absolute value.
 
     Exactly ``kept`` entries are True. Among entries tied at the threshold, those with the lowest
-    flat index win, so the mask is the same on every device and run. ``state`` (optional) is
-    read and updated to reuse the last threshold; the result does not depend on it.
+    flat index win, so the mask is the same on every device and run.
+
+    Args:
+        scores: any shape.
+        kept: how many entries to keep (see :func:`num_kept`).
+        state: read and updated to reuse the last threshold; the result does not depend on it.
+
+    Returns:
+        A bool tensor shaped like ``scores``.
     """
     magnitude = scores.detach().abs().flatten()
     numel = magnitude.numel()
