@@ -301,8 +301,18 @@ class Artifact:
 
 
 def read_artifact(folder: str | os.PathLike) -> Artifact:
-    """Read and check an artifact folder; every problem raises :class:`ArtifactError`."""
+    """Read and check an artifact folder.
 
+    Args:
+        folder: holds ``popup_config.json`` and ``popup_model.safetensors``.
+
+    Returns:
+        The :class:`Artifact`, its tensor file checked against the size and sha256 its config
+        records.
+
+    Raises:
+        ArtifactError: a file is missing, malformed, corrupted, or of an unknown format.
+    """
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config_path, weights_path):

@@ -25,6 +25,7 @@ from enum import Enum
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import PopupConfig
 from .seeding import init_values, normal_values
@@ -49,6 +50,23 @@ def transformers_conv1d() -> type | None:
     """transformers' ``Conv1D`` if transformers is loaded; never imports it ourselves."""
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None)
+
+
+def unmaskable_reason(module: nn.Module, parameter_name: str) -> str | None:
+    """Why ``parameter_name`` of ``module`` cannot be masked, or None when it can."""
+    if is_norm_module(module):
+        return "normalisation layers are not masked (identity, or trained with train_norms)"
+    if parametrize.is_parametrized(module, parameter_name):
+        return (
+            f"its {parameter_name} is computed by a parametrization (e.g. weight normalisation) "
+            "from other tensors, which masking cannot stand in for"
+        )
+    if not isinstance(module._parameters.get(parameter_name), nn.Parameter):
+        return (
+            f"its {parameter_name} is not a parameter of its own (a hook recomputes it, as "
+            "torch.nn.utils.weight_norm does)"
+        )
+    return None
 
 
 def is_weight_layer(module: nn.Module) -> bool:

@@ -83,7 +83,7 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
     A sharded layer's mask is chosen over its whole score tensor, and saving reads every mask:
     all processes must take part in gathering the shards, so they all enter this context and
     then the main process alone saves. FSDP2 needs nothing here: its parameters are DTensors,
-    which :func:`~popup_adapter.layers.whole_tensor` gathers where they are read.
+    which :func:`~popup_adapter.sharding.whole_tensor` gathers where they are read.
     """
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel

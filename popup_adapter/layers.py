@@ -19,7 +19,7 @@ then reuse the weight-gradient buffer (see :func:`~popup_adapter.selection.maske
 
 Weights that a parametrization recomputes from other tensors (weight normalisation) cannot be
 swapped this way (``functional_call`` would silently use the parametrization's value), so they
-are refused (:func:`unmaskable_reason`).
+are refused (:func:`~popup_adapter.base.unmaskable_reason`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.modules import module as _torch_module
-from torch.nn.utils import parametrize
 
-from .base import is_expert_bank, is_norm_module, masked_fan_in, transformers_conv1d
+from .base import is_expert_bank, masked_fan_in, transformers_conv1d, unmaskable_reason
 from .errors import AdapterError, ArtifactError
 from .kernels import load_kernels, use_kernels
 from .selection import SelectionState, masked_weight, num_kept, topk_mask
+from .sharding import whole_tensor
 
 #: torch's process-wide module hooks: when any is set, layers are called, never bypassed
 _GLOBAL_HOOKS = (
@@ -46,29 +46,6 @@ _GLOBAL_HOOKS = (
     "_global_backward_hooks",
     "_global_backward_pre_hooks",
 )
-
-
-def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` itself, or all of it when it is a shard (an FSDP2 DTensor). Gathering is a
-    collective: under FSDP every process must make the same calls in the same order."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def unmaskable_reason(module: nn.Module, parameter_name: str) -> str | None:
-    """Why ``parameter_name`` of ``module`` cannot be masked, or None when it can."""
-    if is_norm_module(module):
-        return "normalisation layers are not masked (identity, or trained with train_norms)"
-    if parametrize.is_parametrized(module, parameter_name):
-        return (
-            f"its {parameter_name} is computed by a parametrization (e.g. weight normalisation) "
-            "from other tensors, which masking cannot stand in for"
-        )
-    if not isinstance(module._parameters.get(parameter_name), nn.Parameter):
-        return (
-            f"its {parameter_name} is not a parameter of its own (a hook recomputes it, as "
-            "torch.nn.utils.weight_norm does)"
-        )
-    return None
 
 
 class PopupLayer(nn.Module):
@@ -150,8 +127,16 @@ class PopupLayer(nn.Module):
 
     # -- adapters
     def update_layer(self, adapter_name: str, k: float, scores: torch.Tensor) -> None:
-        """Add (or replace) the scores of ``adapter_name``, keeping ``round(k * n)`` weights
-        of each mask."""
+        """Add (or replace) the scores of an adapter.
+
+        Args:
+            adapter_name: the adapter.
+            k: the fraction each mask keeps (``round(k * n)`` weights, per expert for a bank).
+            scores: shaped like the weight; trainable only while ``adapter_name`` is active.
+
+        Raises:
+            AdapterError: ``scores`` has another shape than the weight.
+        """
         weight = self.base_weight
         if scores.shape != weight.shape:
             raise AdapterError(
@@ -182,8 +167,16 @@ class PopupLayer(nn.Module):
         return tensor.unbind(0) if self.per_expert else (tensor,)
 
     def load_mask(self, adapter_name: str, mask: torch.Tensor) -> None:
-        """Set ``adapter_name``'s scores so that its top-k is exactly ``mask`` (a loaded mask):
-        kept weights score 1/sqrt(fan_in), the initial scores' scale, the others 0."""
+        """Set an adapter's scores so that its top-k is exactly ``mask`` (a loaded mask): kept
+        weights score 1/sqrt(fan_in), the initial scores' scale, the others 0.
+
+        Args:
+            adapter_name: the adapter.
+            mask: bool, shaped like the weight, keeping exactly the adapter's count per mask.
+
+        Raises:
+            ArtifactError: another shape, or other kept counts.
+        """
         scores, kept = self.popup_scores[adapter_name], self.popup_kept[adapter_name]
         counts = [int(part.sum()) for part in self._per_mask(mask)] if mask.ndim else []
         if mask.shape != scores.shape or any(count != kept for count in counts):
@@ -195,7 +188,14 @@ class PopupLayer(nn.Module):
             scores.copy_(mask.to(scores.device, scores.dtype) / math.sqrt(self.fan_in))
 
     def get_mask(self, adapter_name: str | None = None) -> torch.Tensor:
-        """The boolean mask of ``adapter_name`` (default: active), shaped like the weight."""
+        """The current mask of an adapter.
+
+        Args:
+            adapter_name: whose (default: the active adapter).
+
+        Returns:
+            A bool tensor shaped like the weight (a sharded score is gathered whole first).
+        """
         adapter_name = adapter_name or self.active_adapter
         scores = whole_tensor(self.popup_scores[adapter_name])  # the mask is per whole layer
         kept = self.popup_kept[adapter_name]
@@ -267,7 +267,14 @@ class PopupLayer(nn.Module):
     # -- back to a plain module
     def merged_base_layer(self, adapter_name: str | None = None) -> nn.Module:
         """The owner module with ``W * M`` of every nested wrapper baked in, each as a new
-        parameter (a tied weight stays intact in the other modules that share it)."""
+        parameter (a tied weight stays intact in the other modules that share it).
+
+        Args:
+            adapter_name: whose mask (default: the active adapter).
+
+        Returns:
+            The plain module, computing exactly what this wrapper computed.
+        """
         merged = self.base_weight.detach() * self.get_mask(adapter_name)
         setattr(self.owner, self.parameter_name, nn.Parameter(merged, requires_grad=False))
         inner = self.base_layer
@@ -361,8 +368,20 @@ def popup_layer_class(module: nn.Module) -> type[PopupLayer]:
 def create_popup_layer(
     module: nn.Module, parameter_names: Sequence[str] = ("weight",)
 ) -> PopupLayer:
-    """Wrap the named parameters of ``module``, one wrapper each, nested (``weight`` innermost);
-    ``TypeError`` with the reason when one cannot be masked (see :func:`unmaskable_reason`)."""
+    """Wrap the named parameters of ``module``, one wrapper each, nested (``weight`` innermost).
+
+    Args:
+        module: the module whose parameters are masked.
+        parameter_names: which of its parameters.
+
+    Returns:
+        The outermost wrapper (a :class:`PopupLinear`/:class:`PopupConv`/... for an exact plain
+        layer's ``weight``, a :class:`PopupLayer` otherwise).
+
+    Raises:
+        TypeError: a parameter cannot be masked, with the reason (see
+            :func:`~popup_adapter.base.unmaskable_reason`).
+    """
     names = sorted(parameter_names, key=lambda name: name != "weight")
     for name in names:
         reason = unmaskable_reason(module, name)

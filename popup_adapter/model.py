@@ -22,9 +22,10 @@ from .config import PopupConfig
 from .errors import AlreadyAdaptedError, BaseMismatchError
 from .hub import open_artifact, push_artifact_files
 from .injection import base_name, inject_wrappers
-from .layers import PopupLayer, whole_tensor
+from .layers import PopupLayer
 from .multi_adapter import MultiAdapterMixin
 from .seeding import fingerprint
+from .sharding import whole_tensor
 from .specs import build_base, describe_base
 from .targets import (
     Coverage,

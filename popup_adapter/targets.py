@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import is_expert_bank, is_inside, is_norm_module, is_weight_layer
+from .base import is_expert_bank, is_inside, is_norm_module, is_weight_layer, unmaskable_reason
 from .config import PopupConfig
 from .errors import BaseMismatchError, TargetModulesError
-from .layers import unmaskable_reason
 
 #: parameter names that say a rank >= 2 tensor is not a weight matrix: position tables, tokens,
 #: embeddings, biases
@@ -122,8 +121,20 @@ def module_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def resolve_targets(model: nn.Module, config: PopupConfig) -> list[MaskTarget]:
-    """The tensors ``config`` masks, checked: every selector matches, every named module can be
-    masked, and every tensor is one that masking can stand in for."""
+    """The tensors ``config`` masks, checked.
+
+    Args:
+        model: the plain model.
+        config: ``target_modules`` / ``exclude_modules`` / ``modules_to_save`` /
+            ``mask_embeddings`` decide; None selectors take the default rules.
+
+    Returns:
+        The targets, in the model's module order, a module reachable under several names once.
+
+    Raises:
+        TargetModulesError: a selector matches nothing (close names are suggested), or names a
+            module or tensor that cannot be masked.
+    """
     aliases = module_aliases(model)
     canonical = {alias: name for name, names in aliases.items() for alias in names}
     all_names = [alias for alias in canonical if alias]

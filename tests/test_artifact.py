@@ -365,3 +365,22 @@ def test_earlier_formats_still_load(name):
     with torch.no_grad():
         out = logits(loaded(io["input"])) if "input" in io else zoo.forward_output(loaded, inputs)
     assert torch.equal(out, io["output"])
+
+
+def test_importing_changes_no_umask_and_files_follow_it(tmp_path):
+    """main set the umask to 0 and back at import (a window in which another thread's files get
+    mode 0666); nothing calls os.umask now, and the files still get the user's mode."""
+    import popup_adapter.artifact as artifact
+
+    assert "os.umask" not in Path(artifact.__file__).read_text()
+    script = (
+        "import os\n"
+        "os.umask(0o027)\n"
+        "import popup_adapter.artifact as artifact\n"
+        "print(os.umask(0o027))\n"
+        f"artifact.atomic_write(__import__('pathlib').Path({str(tmp_path / 'f')!r}), b'x')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.strip() == str(0o027), done.stderr
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640
+    assert list(tmp_path.iterdir()) == [tmp_path / "f"]  # no temporary file left

@@ -24,7 +24,7 @@ The package: :mod:`~popup_adapter.zoo.transformers_configs` (the tiny configs),
 docs page) and ``__main__`` (the command line, one process per model).
 """
 
-from .cases import Case, case_by_id, timm_families
+from .cases import Case, case_by_id, timm_case, timm_families, transformers_case
 from .checks import Row, check_model, check_reload, finish, forward_output, output_tensor
 from .table import write_table
 from .transformers_configs import TRANSFORMERS
@@ -39,6 +39,8 @@ __all__ = [
     "finish",
     "forward_output",
     "output_tensor",
+    "timm_case",
     "timm_families",
+    "transformers_case",
     "write_table",
 ]
