@@ -39,7 +39,14 @@ def _bernoulli(numel: int, kept: int):
 
 
 def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
-    """``(encoding, uint8 payload)`` of a boolean mask, the smallest of :data:`ENCODINGS`."""
+    """A boolean mask in as few bytes as possible.
+
+    Args:
+        mask: bool, any shape.
+
+    Returns:
+        ``(encoding, uint8 payload)``, the smallest of :data:`ENCODINGS`.
+    """
     bits = mask.detach().to("cpu").reshape(-1).numpy().astype(bool)
     numel, kept = bits.size, int(bits.sum())
     if kept == numel:
@@ -58,10 +65,21 @@ def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
 def decode_mask(
     encoding: str, payload: np.ndarray, shape: tuple[int, ...], kept: int, where: str
 ) -> torch.Tensor:
-    """The boolean mask of ``shape`` back from :func:`encode_mask`'s output.
+    """The boolean mask back from :func:`encode_mask`'s output.
 
-    ``where`` names the layer and file for the error raised when the payload does not decode
-    to exactly ``kept`` ones (a corrupted or mismatched artifact).
+    Args:
+        encoding: as stored.
+        payload: the uint8 bytes.
+        shape: the mask's shape.
+        kept: how many entries are True.
+        where: names the layer and file in an error.
+
+    Returns:
+        The bool mask of ``shape``.
+
+    Raises:
+        ArtifactError: an unknown encoding, or a payload that does not decode to exactly
+            ``kept`` ones (a corrupted or mismatched artifact).
     """
     numel = math.prod(shape)
     if encoding == "all":

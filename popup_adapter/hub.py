@@ -29,9 +29,22 @@ def artifact_folder(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ) -> Path:
-    """A local folder holding the artifact: ``path_or_repo_id`` itself when it is a directory,
-    else a snapshot of the Hub repo at ``revision`` in the Hub cache (``HF_HUB_OFFLINE=1`` and
-    ``local_files_only`` use the cache alone)."""
+    """A local folder holding the artifact.
+
+    Args:
+        path_or_repo_id: a directory (used as it is) or a Hub repo id.
+        revision: a branch, tag or commit of the Hub repo.
+        token: a Hub token.
+        cache_dir: the Hub cache (default huggingface_hub's).
+        local_files_only: use the cache alone (as ``HF_HUB_OFFLINE=1`` does).
+
+    Returns:
+        The folder: ``path_or_repo_id`` itself, or a snapshot of the repo at ``revision``.
+
+    Raises:
+        ArtifactError: no such repo, revision or cached copy, a folder with ``revision``, or a
+            folder without ``popup_config.json``.
+    """
     if Path(path_or_repo_id).is_dir():
         if revision is not None:
             raise ArtifactError(

@@ -126,8 +126,21 @@ def random_normal(
 
 
 def init_values(init: str, seed: int, name: str, shape: torch.Size, fan_in: float) -> torch.Tensor:
-    """A float32 tensor of ``shape`` drawn by ``init`` (a :data:`~popup_adapter.config.INITS`
-    name other than ``keep``), for a layer with the given ``fan_in``."""
+    """Layer weights drawn by an init, from their own stream.
+
+    Args:
+        init: a :data:`~popup_adapter.config.INITS` name other than ``keep``.
+        seed: the base's seed.
+        name: the tensor's name (its stream).
+        shape: the tensor's shape.
+        fan_in: the layer's fan-in (the inits' scale).
+
+    Returns:
+        A float32 tensor of ``shape``.
+
+    Raises:
+        ValueError: ``init`` draws no values (``keep``).
+    """
     numel = math.prod(shape)
     std = RELU_GAIN / math.sqrt(fan_in)
     if init == "signed_constant":
@@ -150,7 +163,17 @@ def normal_values(seed: int, name: str, shape: torch.Size, std: float) -> torch.
 
 def score_values(seed: int, name: str, shape: torch.Size, fan_in: float) -> torch.Tensor:
     """Initial scores: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), the reference code's
-    ``kaiming_uniform_(a=sqrt(5))``; drawn from their own ``scores/`` stream."""
+    ``kaiming_uniform_(a=sqrt(5))``, drawn from their own ``scores/`` stream.
+
+    Args:
+        seed: the adapter's seed.
+        name: the masked tensor's name.
+        shape: its shape.
+        fan_in: its layer's fan-in.
+
+    Returns:
+        A float32 tensor of ``shape``.
+    """
     bound = 1.0 / math.sqrt(fan_in)
     values = random_uniform(
         seed, f"scores/{name}", math.prod(shape), lambda u: (u * 2.0 - 1.0) * bound, np.float32
@@ -159,7 +182,14 @@ def score_values(seed: int, name: str, shape: torch.Size, fan_in: float) -> torc
 
 
 def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in sorted name order: the identity of a base."""
+    """The identity of a base.
+
+    Args:
+        named_tensors: ``(name, tensor)`` pairs, in any order.
+
+    Returns:
+        sha256 (hex) over names, dtypes, shapes and bytes, in sorted name order.
+    """
     digest = hashlib.sha256(STREAM_VERSION.encode())
     for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)

@@ -54,8 +54,17 @@ def _checked_base_kwargs(base_kwargs: dict[str, Any] | None, library: str) -> di
 
 
 def describe_base(model: nn.Module, base_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The spec of a model; ``{"library": "custom"}`` when popup_adapter cannot rebuild it.
-    ``base_kwargs`` (timm only) are stored and passed to ``timm.create_model`` on rebuild."""
+    """The spec of a model: what rebuilds its architecture from an artifact alone.
+
+    Args:
+        model: the plain model.
+        base_kwargs: timm only: constructor arguments stored and passed to
+            ``timm.create_model`` on rebuild.
+
+    Returns:
+        A JSON-serialisable dict; ``{"library": "custom", ...}`` when popup_adapter cannot
+        rebuild the model (then ``from_pretrained`` needs ``model=``).
+    """
     module = type(model).__module__
     if module.startswith("transformers.") and hasattr(model, "config"):
         _checked_base_kwargs(base_kwargs, "transformers")
@@ -109,9 +118,19 @@ def build_base(
 ) -> nn.Module:
     """Rebuild the architecture a spec describes (random weights; the seed sets them after).
 
-    With ``pretrained`` (an ``init="keep"`` artifact) a transformers base is loaded with the
-    stored config (so a head is built as it was) from ``pretrained_source`` if given, else from
-    the Hub repo the spec records (its local cache under ``HF_HUB_OFFLINE``).
+    Args:
+        spec: as :func:`describe_base` wrote it (an artifact's ``base``).
+        pretrained: an ``init="keep"`` artifact: a transformers base is loaded with the stored
+            config (so a head is built as it was) rather than built at random.
+        pretrained_source: where the pretrained weights are (a folder or Hub id); default the
+            Hub repo the spec records (its local cache under ``HF_HUB_OFFLINE``).
+
+    Returns:
+        The plain model.
+
+    Raises:
+        ArtifactError: the spec names a class this library version lacks, a custom model, or a
+            pretrained source that cannot be found (the message says what to pass).
     """
     library = spec.get("library")
     if library == "timm":

@@ -90,7 +90,17 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.T
 def evaluate(
     accelerator, model: nn.Module, loader: DataLoader, forward: Callable = default_forward
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy and mean loss over ``loader``, gathered across processes."""
+    """Top-1 and top-5 accuracy and mean loss over ``loader``, gathered across processes.
+
+    Args:
+        accelerator: the run's Accelerator.
+        model: the (prepared) model; put back in training mode after.
+        loader: the (prepared) eval loader.
+        forward: ``forward(model, batch) -> (logits, labels)``.
+
+    Returns:
+        ``{"top1", "top5", "eval_loss"}``.
+    """
     model.eval()
     top1, top5, losses = [], [], []
     with torch.no_grad():
@@ -148,6 +158,24 @@ def _make_optimizer(params: list[nn.Parameter], args: TrainingArguments, lr: flo
     return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
 
 
+def _make_loaders(
+    seeded: SeededDataset, eval_dataset: Dataset | None, args: TrainingArguments, collate_fn
+) -> tuple[DataLoader, DataLoader | None]:
+    """The training loader (seeded order, whole batches) and the evaluation one."""
+    loader_kwargs = {"num_workers": args.workers, "collate_fn": collate_fn}
+    train_loader = DataLoader(
+        seeded,
+        batch_size=args.batch_size,
+        sampler=EpochShuffleSampler(len(seeded), args.seed),
+        drop_last=True,
+        **loader_kwargs,
+    )
+    if eval_dataset is None:
+        return train_loader, None
+    eval_batch = args.eval_batch_size or args.batch_size
+    return train_loader, DataLoader(eval_dataset, batch_size=eval_batch, **loader_kwargs)
+
+
 def prepare_run(
     model: nn.Module,
     train_dataset: Dataset,
@@ -158,6 +186,12 @@ def prepare_run(
 ) -> Run:
     """Set up a run: Accelerate (launch checks included), seeded loaders, the optimizer and the
     schedule, then ``accelerator.prepare`` and, with ``args.resume``, the last checkpoint.
+
+    Args:
+        model, train_dataset, eval_dataset, args, collate_fn, log: as in :func:`train`.
+
+    Returns:
+        The :class:`Run`, its progress restored from the checkpoint when resuming.
 
     Raises:
         RuntimeError: the launch, the FSDP plugin or its units cannot train correctly.
@@ -170,18 +204,7 @@ def prepare_run(
         f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
     )
     seeded = SeededDataset(train_dataset, args.seed)
-    loader_kwargs = {"num_workers": args.workers, "collate_fn": collate_fn}
-    train_loader = DataLoader(
-        seeded,
-        batch_size=args.batch_size,
-        sampler=EpochShuffleSampler(len(seeded), args.seed),
-        drop_last=True,
-        **loader_kwargs,
-    )
-    eval_loader = None
-    if eval_dataset is not None:
-        eval_batch = args.eval_batch_size or args.batch_size
-        eval_loader = DataLoader(eval_dataset, batch_size=eval_batch, **loader_kwargs)
+    train_loader, eval_loader = _make_loaders(seeded, eval_dataset, args, collate_fn)
 
     global_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     lr = args.lr * (global_batch / args.lr_reference_batch if args.lr_reference_batch else 1.0)
@@ -260,7 +283,17 @@ def _train_epoch(run: Run, args: TrainingArguments, forward: Callable, bar) -> N
 
 def run_loop(run: Run, args: TrainingArguments, forward: Callable = default_forward) -> dict:
     """Train until ``run.stop_at``, evaluating and checkpointing at every epoch's end (and a
-    checkpoint where ``max_train_steps`` stops the run); returns the last evaluation."""
+    checkpoint where ``max_train_steps`` stops the run).
+
+    Args:
+        run: from :func:`prepare_run`.
+        args: the run's arguments.
+        forward: ``forward(model, batch) -> (logits, labels)``.
+
+    Returns:
+        The last evaluation's metrics (``top1``, ``top5``, ``eval_loss``), empty without an
+        eval dataset.
+    """
     progress = run.progress
     bar = tqdm(
         total=run.stop_at,
