@@ -74,13 +74,14 @@ def reference_selection():
 def kernels_off(model):
     """The same layers with their captured kernels setting turned off."""
     layers = [layer for _, layer in model.popup_layers()]
+    previous = [layer.use_kernels for layer in layers]
     for layer in layers:
         layer.use_kernels = False
     try:
         yield
     finally:
-        for layer in layers:
-            layer.use_kernels = True
+        for layer, setting in zip(layers, previous, strict=True):
+            layer.use_kernels = setting
 
 
 def make_step(model, make_batch):

@@ -257,23 +257,19 @@ class Artifact:
             if key.startswith(_STATE_PREFIX)
         }
 
-    def check_base(
-        self, structure: dict[str, str] | None, shapes: dict[str, list[int]], fingerprint: str
-    ) -> None:
-        """Refuse a base that is not this mask's.
+    def check_base(self, shapes: dict[str, list[int]], fingerprint: str) -> None:
+        """Refuse a base that is not this mask's weights (its structure is
+        :meth:`check_structure`'s, checked before adapting).
 
         Args:
-            structure: the base's structure (None: not checked, see :meth:`check_structure`).
             shapes: every masked tensor of the base, by name, with its shape.
             fingerprint: the base's weight fingerprint.
 
         Raises:
-            BaseMismatchError: naming the first difference (structure, masked tensors, a
-                shape, the weights) and the likely cause.
+            BaseMismatchError: naming the first difference (masked tensors, a shape, the
+                weights) and the likely cause.
         """
         where = self.folder / CONFIG_NAME
-        if structure is not None:
-            self.check_structure(structure)
         if set(shapes) != set(self.layers):
             missing = sorted(set(self.layers) - set(shapes))[:5]
             extra = sorted(set(shapes) - set(self.layers))[:5]

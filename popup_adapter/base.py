@@ -171,10 +171,10 @@ def seed_base(
                 value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
             elif leaf == "bias":
                 value = torch.zeros(param.shape)
-            elif param.ndim <= 1 and (constant := fresh.constant(name, param)) is not None:
-                value = constant
-            elif param.ndim > 1 and _is_constant(param):
+            elif _is_constant(param):  # what its constructor set (e.g. from ls_init_value)
                 continue
+            elif param.ndim <= 1 and (constant := fresh.constant(name, param)) is not None:
+                value = constant  # a trained layer scale goes back to its init
             else:
                 value = normal_values(config.seed, name, param.shape, std)
             param.copy_(value.to(param.dtype))
@@ -196,12 +196,7 @@ class _FreshValues:
         self._params: dict[str, torch.Tensor] | None = None
 
     def constant(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
-        """The constant ``param`` gets: its own value when it is constant (what its
-        constructor set, e.g. from ``ls_init_value``), else its value in the fresh
-        architecture when that is a constant (a trained layer scale goes back to its init);
-        None when neither is."""
-        if _is_constant(param):
-            return param.detach().clone()
+        """``param``'s value in the fresh architecture when that is a constant, else None."""
         if self._reference is None:
             return None
         if self._params is None:

@@ -120,8 +120,10 @@ class PopupConfig:
         return fields
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns:
-        Every field, JSON-serialisable (as the artifact's ``popup_config.json`` stores it).
+        """The config as plain data.
+
+        Returns:
+            Every field, JSON-serialisable (as the artifact's ``popup_config.json`` stores it).
         """
         return dataclasses.asdict(self)
 

@@ -68,10 +68,8 @@ def unwrapped_view(module: nn.Module, copies: dict[int, nn.Module] | None = None
     """A shallow copy of the module tree with every wrapper replaced by what it wraps
     (parameters shared; a module used under several names stays one module)."""
     copies = {} if copies is None else copies
-    if isinstance(module, PopupLayer):
-        module = module.unloaded_base_layer()
-    elif isinstance(module, ModulesToSaveWrapper):
-        module = module.original_module
+    if is_wrapper(module):
+        module = wrapped_module(module)
     if id(module) not in copies:
         view = copies[id(module)] = copy.copy(module)
         view._modules = {
@@ -81,6 +79,18 @@ def unwrapped_view(module: nn.Module, copies: dict[int, nn.Module] | None = None
     return copies[id(module)]
 
 
+def is_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is one this package put in (a masked layer or a saved module)."""
+    return isinstance(module, (PopupLayer, ModulesToSaveWrapper))
+
+
+def wrapped_module(wrapper: nn.Module) -> nn.Module:
+    """What ``wrapper`` wraps: the original module, masks and trained copies left out."""
+    if isinstance(wrapper, PopupLayer):
+        return wrapper.unloaded_base_layer()
+    return wrapper.original_module
+
+
 def replace_wrappers(root: nn.Module, replacement: Callable[[nn.Module], nn.Module]) -> None:
     """Put ``replacement(wrapper)`` wherever a wrapper is used (under every name of a shared
     one, computed once), the deepest first, so that nested wrappers are gone before their
@@ -88,7 +98,7 @@ def replace_wrappers(root: nn.Module, replacement: Callable[[nn.Module], nn.Modu
     uses = [
         (name, module)
         for name, module in root.named_modules(remove_duplicate=False)
-        if isinstance(module, (PopupLayer, ModulesToSaveWrapper))
+        if is_wrapper(module)
     ]
     done: dict[int, nn.Module] = {}
     for name, module in sorted(uses, key=lambda use: -use[0].count(".")):

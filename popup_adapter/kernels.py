@@ -38,8 +38,10 @@ _USE_KERNELS = os.environ.get("POPUP_ADAPTER_KERNELS", "1") != "0"
 
 
 def use_kernels() -> bool:
-    """Returns:
-    Whether layers built from now on use the fused CPU kernels (where they apply).
+    """The fused-kernels setting that layers built from now on capture.
+
+    Returns:
+        Whether they use the fused CPU kernels (where they apply).
     """
     return _USE_KERNELS
 
@@ -56,9 +58,11 @@ def set_use_kernels(enable: bool) -> None:
 
 
 def build_directory() -> Path:
-    """Returns:
-    Where the compiled library lives: one folder per source and torch version, under
-    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``, as torch's own).
+    """Where the compiled library lives.
+
+    Returns:
+        One folder per source and torch version, under ``TORCH_EXTENSIONS_DIR`` (default
+        ``~/.cache/torch_extensions``, as torch's own).
     """
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "torch_extensions"
@@ -77,9 +81,10 @@ def load_kernels() -> bool:
     """
     library = build_directory() / f"{_NAME}.so"
     try:
-        if not library.is_file():
-            _build(library.parent)
-        torch.ops.load_library(str(library))
+        if library.is_file():
+            torch.ops.load_library(str(library))
+        else:
+            _build(library.parent)  # cpp_extension.load also loads what it built
     except Exception as error:  # no compiler, no ninja, read-only cache, ...
         last_line = (str(error).strip().splitlines() or [""])[-1]
         warnings.warn(

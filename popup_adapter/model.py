@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import AdapterBank, ModulesToSaveWrapper
+from .adapters import AdapterBank
 from .artifact import WEIGHTS_NAME, Artifact, ArtifactContents, ArtifactFiles, encode_artifact
 from .base import describe_structure, seed_base
 from .config import PopupConfig
 from .errors import AlreadyAdaptedError, BaseMismatchError
 from .hub import open_artifact, push_artifact_files
-from .injection import base_name, inject_wrappers
+from .injection import base_name, inject_wrappers, is_wrapper
 from .layers import PopupLayer
 from .multi_adapter import MultiAdapterMixin
 from .seeding import fingerprint
@@ -101,9 +101,7 @@ class PopupModel(MultiAdapterMixin, nn.Module):
         that it loads the same under later default rules); ``base_kwargs`` as in
         :func:`get_popup_model`."""
         super().__init__()
-        if isinstance(model, PopupModel) or any(
-            isinstance(m, (PopupLayer, ModulesToSaveWrapper)) for m in model.modules()
-        ):
+        if isinstance(model, PopupModel) or any(is_wrapper(m) for m in model.modules()):
             raise AlreadyAdaptedError(
                 "this model already carries popup layers; add a further mask with "
                 "model.add_adapter(name, config) instead of adapting it again"
@@ -390,7 +388,7 @@ class PopupModel(MultiAdapterMixin, nn.Module):
         (its structure is checked by the caller, before adapting)."""
         masked = dict(self.popup_layers())
         shapes = {name: list(layer.base_weight.shape) for name, layer in masked.items()}
-        artifact.check_base(None, shapes, self.base_fingerprint)
+        artifact.check_base(shapes, self.base_fingerprint)
         with torch.no_grad():
             for name, layer in masked.items():
                 layer.load_mask(adapter_name, artifact.mask(name))

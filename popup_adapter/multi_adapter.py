@@ -26,7 +26,14 @@ from .adapters import (
 from .base import is_inside, is_norm_module
 from .config import PopupConfig
 from .errors import AdapterError, ArtifactError
-from .injection import base_name, replace_wrappers, tied_parameter_ids, unwrapped_view
+from .injection import (
+    base_name,
+    is_wrapper,
+    replace_wrappers,
+    tied_parameter_ids,
+    unwrapped_view,
+    wrapped_module,
+)
 from .layers import PopupLayer
 from .seeding import score_values
 from .targets import resolve_targets
@@ -147,7 +154,7 @@ class MultiAdapterMixin:
         """
         if adapter_name in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} exists already; delete_adapter it first")
-        first = next(iter(self.peft_config.values()))
+        first = self._backbone_config
         if config.base_defining() != first.base_defining():
             raise AdapterError(
                 f"adapter {adapter_name!r} needs another base ({config.base_defining()}) than "
@@ -183,9 +190,8 @@ class MultiAdapterMixin:
         if previous != adapter_name and previous in self.peft_config:
             self._bank.switch(previous, adapter_name)
         self.active_adapter = adapter_name
-        for module in self.base_model.modules():
-            if isinstance(module, (PopupLayer, ModulesToSaveWrapper)):
-                module.set_adapter(adapter_name)
+        for module in self._wrappers():
+            module.set_adapter(adapter_name)
         self._set_requires_grad()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -202,9 +208,8 @@ class MultiAdapterMixin:
                 "cannot delete the only adapter; use unload() to get the plain model"
             )
         del self.peft_config[adapter_name]
-        for module in self.base_model.modules():
-            if isinstance(module, (PopupLayer, ModulesToSaveWrapper)):
-                module.delete_adapter(adapter_name)
+        for module in self._wrappers():
+            module.delete_adapter(adapter_name)
         if adapter_name == self.active_adapter:
             successor = next(iter(self.peft_config))
             self._bank.switch(None, successor)  # the deleted adapter's values go with it
@@ -216,11 +221,7 @@ class MultiAdapterMixin:
     @contextlib.contextmanager
     def disable_adapter(self):
         """Run the dense random (or pretrained) base, every weight used, inside this block."""
-        wrappers = [
-            m
-            for m in self.base_model.modules()
-            if isinstance(m, (PopupLayer, ModulesToSaveWrapper))
-        ]
+        wrappers = self._wrappers()
         for module in wrappers:
             module.disable_adapters = True
         try:
@@ -243,6 +244,10 @@ class MultiAdapterMixin:
         self._check_adapter(adapter_name)
         state = self._bank.state(adapter_name, active=adapter_name == self.active_adapter)
         return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in BATCHNORM_STATS}
+
+    def _wrappers(self) -> list[nn.Module]:
+        """Every masked layer and saved module, each once."""
+        return [module for module in self.base_model.modules() if is_wrapper(module)]
 
     def _set_requires_grad(self) -> None:
         config = self._backbone_config
@@ -320,10 +325,12 @@ class MultiAdapterMixin:
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name)
 
-    # -- back to a plain model
+    # -- summaries
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """Returns:
-        ``(trainable, total)`` parameter counts, shared parameters counted once.
+        """The parameter counts PEFT's summary prints.
+
+        Returns:
+            ``(trainable, total)``, shared parameters counted once.
         """
         params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
@@ -338,6 +345,7 @@ class MultiAdapterMixin:
             f"masked matrix weights%: {100 * self.coverage.share:.2f}"
         )
 
+    # -- back to a plain model
     def merge_and_unload(self) -> nn.Module:
         """The plain model with the active mask baked in (``W * M``), giving identical outputs.
 
@@ -370,12 +378,5 @@ class MultiAdapterMixin:
         Returns:
             The dense base (this PopupModel's ``base_model``, unwrapped in place).
         """
-        replace_wrappers(
-            self.base_model,
-            lambda module: (
-                module.unloaded_base_layer()
-                if isinstance(module, PopupLayer)
-                else module.original_module
-            ),
-        )
+        replace_wrappers(self.base_model, wrapped_module)
         return self.base_model
