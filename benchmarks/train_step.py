@@ -45,7 +45,7 @@ class ReferenceSortMask(torch.autograd.Function):
     """The reference implementation's GetSubnet: sort all |scores|, keep the top ``kept``."""
 
     @staticmethod
-    def forward(ctx, weight, scores, kept, state=None, single_use=False):
+    def forward(ctx, weight, scores, kept, state=None, single_use=False, fused=None):
         out = scores.detach().abs().clone()
         _, idx = out.flatten().sort()
         flat = out.flatten()
@@ -57,7 +57,7 @@ class ReferenceSortMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, scores = ctx.saved_tensors
-        return None, grad * weight * scores.sign(), None, None, None
+        return None, grad * weight * scores.sign(), None, None, None, None
 
 
 @contextmanager
