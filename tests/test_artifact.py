@@ -348,8 +348,10 @@ GOLDEN = Path(__file__).parent / "data"
         "format_v1/test_resnet",
         "format_v1/bert",
         "format_v1/gpt2",
+        "format_v1/vit",
         "format_v2/mixtral",
         "format_v2/gelu_resnet",
+        "format_v2/vit",
     ],
 )
 def test_earlier_formats_still_load(name):
