@@ -79,7 +79,7 @@ def main() -> None:
             f"  {name:<14} {statistics.median(values):7.3f} s ({min(values):.3f}-{max(values):.3f})"
         )
     ratio = statistics.median(runs["artifact load"]) / statistics.median(runs["dense load"])
-    artifact_bytes = (folder / "popup_model.safetensors").stat().st_size
+    artifact_bytes = read_artifact(folder).weights_path.stat().st_size
     print(
         f"  artifact load / dense load: {ratio:.2f}x; artifact {artifact_bytes:,d} bytes vs "
         f"dense {dense.stat().st_size:,d} bytes"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from .artifact import artifact_summary
 from .errors import PopupError
@@ -46,22 +47,36 @@ def inspect_artifact(path_or_repo_id: str, revision: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m popup_adapter``; returns the process exit code."""
+    """Entry point of ``python -m popup_adapter``.
+
+    A failure prints one ``error: ...`` line (the traceback too with ``--debug``) and exits 1.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The process exit code.
+    """
     parser = argparse.ArgumentParser(prog="python -m popup_adapter")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="describe a mask artifact (folder or Hub repo)")
     inspect.add_argument("path_or_repo_id")
     inspect.add_argument("--revision", default=None)
     commands.add_parser("build-kernels", help="compile the fused CPU kernels now")
     args = parser.parse_args(argv)
-    if args.command == "build-kernels":
-        built = load_kernels()
-        print("fused CPU kernels: " + ("built and loaded" if built else "not available"))
-        return 0 if built else 1
     try:
+        if args.command == "build-kernels":
+            built = load_kernels()
+            print("fused CPU kernels: " + ("built and loaded" if built else "not available"))
+            return 0 if built else 1
         print(inspect_artifact(args.path_or_repo_id, args.revision))
-    except PopupError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:  # the command line reports, it does not crash
+        if args.debug:
+            traceback.print_exc()
+        unexpected = "" if isinstance(error, PopupError) else f"unexpected {type(error).__name__}: "
+        hint = "" if args.debug else " (--debug shows the traceback)"
+        print(f"error: {unexpected}{error}{hint if unexpected else ''}", file=sys.stderr)
         return 1
     return 0
 

@@ -113,3 +113,33 @@ def adapter_parameter_owner(name: str) -> str | None:
         if part in ("popup_scores", "modules_to_save"):
             return parts[index + 1]
     return None
+
+
+def stored_state_problem(key: str, value: torch.Tensor, target: torch.Tensor) -> str | None:
+    """What is wrong with a stored tensor that is to be copied into ``target``, or None.
+
+    A shape, a dtype of another kind or one that changes the values when cast (a silent cast is
+    a silently other model), non-finite BatchNorm statistics or a negative running variance.
+
+    Args:
+        key: the tensor's name (its last part says whether it is a BatchNorm statistic).
+        value: the stored tensor.
+        target: the model's tensor.
+
+    Returns:
+        The problem, worded to follow the tensor's name, or None.
+    """
+    if value.shape != target.shape:
+        return f"has shape {tuple(value.shape)}, the model's is {tuple(target.shape)}"
+    if value.dtype.is_floating_point != target.dtype.is_floating_point or (
+        value.dtype != target.dtype
+        and not torch.equal(value.to(target.dtype).to(value.dtype), value)
+    ):
+        return f"is {value.dtype}, which does not hold the model's {target.dtype} values exactly"
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in BATCHNORM_STATS and value.dtype.is_floating_point:
+        if not bool(torch.isfinite(value).all()):
+            return "holds NaN or infinite BatchNorm statistics"
+        if leaf == "running_var" and bool((value < 0).any()):
+            return "holds a negative BatchNorm variance"
+    return None

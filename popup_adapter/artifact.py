@@ -1,30 +1,31 @@
-"""What is on disk: the mask artifact, a folder of three files.
+"""An artifact read back: the mask artifact is a folder of three files (how they are written:
+:mod:`popup_adapter.artifact_files`).
 
 - ``popup_config.json``: format and library versions, the :class:`PopupConfig`, the base's spec,
-  weight fingerprint and structure (format 2), every masked tensor's module, parameter, shape,
-  kept count and encoding, and the sha256 of the tensor file;
-- ``popup_model.safetensors``: each layer's encoded mask (``mask.<layer>``, uint8) and the other
-  tensors training changed (``state.<name>``: BatchNorm statistics, ``modules_to_save``,
-  trained norms);
+  weight fingerprint and structure, every masked tensor's module, parameter, shape, kept count
+  and encoding, and the name, size and sha256 of the tensor file;
+- ``popup_model-<first 16 hex digits of its sha256>.safetensors``: each layer's encoded mask
+  (``mask.<layer>``, uint8) and the other tensors training changed (``state.<name>``:
+  BatchNorm statistics, ``modules_to_save``, trained norms);
 - ``README.md``: a Hub model card.
 
-Nothing is pickled. Every file is written atomically (temporary file, then rename), so an
-interrupted save never leaves a half-written file under the final name, and the recorded sha256
-catches a tensor file that does not belong to its config.
+Nothing is pickled. A save is all or nothing (:mod:`popup_adapter.storage`): the tensor file,
+named by its content, is written first, then ``popup_config.json``, which names it, replaces the
+previous config (the commit), then the card; savers of one folder take turns. A reader sees the
+previous artifact or the new one, whole, and the recorded sha256 catches a tensor file that does
+not belong to its config. What a reader checks before it trusts a field:
+:mod:`popup_adapter.artifact_schema`.
 
-Format 1 (the first release) had no structure and named each masked layer's ``weight`` by its
-module; it stays readable: its masks load onto the tensors it lists, whatever later versions
-mask by default.
+Formats 1 (the first release: no structure, each masked layer's ``weight`` named by its module)
+and 2 (a fixed tensor file name, ``popup_model.safetensors``) stay readable: their masks load
+onto the tensors they list, whatever later versions mask by default.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import secrets
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,145 +34,26 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load
-from safetensors.torch import save
 
 from . import __version__
-from .base import first_difference, structure_fingerprint
-from .card import model_card
-from .codec import decode_mask, encode_mask, entropy_bits
+from .artifact_schema import (
+    CONFIG_NAME,
+    MASK_PREFIX,
+    READABLE_FORMATS,
+    STATE_PREFIX,
+    check_tensors,
+    parse_json,
+    validate_meta,
+)
+from .base import first_difference, library_versions, structure_fingerprint
+from .codec import decode_mask, entropy_bits
 from .config import PopupConfig
 from .errors import ArtifactError, BaseMismatchError
 from .specs import describe
 from .targets import MaskTarget
 
-FORMAT_VERSION = 2
-#: the formats this version reads (every one a release wrote)
-READABLE_FORMATS = (1, 2)
-CONFIG_NAME = "popup_config.json"
-WEIGHTS_NAME = "popup_model.safetensors"
-CARD_NAME = "README.md"
-ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
-_MASK_PREFIX, _STATE_PREFIX = "mask.", "state."
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
-
-    The temporary file is created with mode 0666 and the process umask applies, as for any
-    file the user writes (``tempfile.mkstemp`` would make it 0600, and reading the umask to
-    undo that means setting it: a process-wide side effect).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@dataclass
-class ArtifactFiles:
-    """An artifact's files in memory: the tensor file's bytes and the config they belong to."""
-
-    blob: bytes
-    meta: dict[str, Any]
-
-    def write(self, save_directory: str | os.PathLike) -> Path:
-        """Write the three files (each atomically) into ``save_directory``."""
-        folder = Path(save_directory)
-        atomic_write(folder / WEIGHTS_NAME, self.blob)
-        atomic_write(folder / CONFIG_NAME, (json.dumps(self.meta, indent=2) + "\n").encode())
-        atomic_write(folder / CARD_NAME, model_card(self.meta, len(self.blob)).encode())
-        return folder
-
-
-@dataclass
-class ArtifactContents:
-    """What an artifact records, as plain data (a :class:`~popup_adapter.PopupModel` gathers
-    it, see ``PopupModel.artifact_contents``): this module never sees a model."""
-
-    adapter_name: str
-    config: PopupConfig
-    base_spec: dict[str, Any]
-    base_fingerprint: str
-    base_structure: dict[str, str]
-    #: every masked tensor: its target, its boolean mask, and its number of experts (an expert
-    #: bank, one mask each) or None
-    masks: list[tuple[MaskTarget, torch.Tensor, int | None]]
-    #: what training changed besides the masks, by plain names (whole, on any device)
-    state: dict[str, torch.Tensor]
-
-
-def encode_artifact(
-    contents: ArtifactContents,
-    dataset: str | None = None,
-    metrics: dict[str, float] | None = None,
-) -> ArtifactFiles:
-    """Encode ``contents`` as the artifact's files, in memory.
-
-    Args:
-        contents: the masks and everything else the artifact records.
-        dataset: recorded in the model card.
-        metrics: recorded in the config and the card.
-
-    Returns:
-        The files, to write (:meth:`ArtifactFiles.write`) or push.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    for target, mask, experts in contents.masks:
-        encoding, payload = encode_mask(mask)
-        tensors[_MASK_PREFIX + target.key] = torch.from_numpy(payload)
-        layers[target.key] = {
-            "module": target.module,
-            "parameter": target.parameter,
-            "shape": list(mask.shape),
-            "kept": int(mask.sum()),
-            "encoding": encoding,
-            **({"experts": experts} if experts is not None else {}),
-        }
-    for name, value in contents.state.items():
-        tensors[_STATE_PREFIX + name] = value.to("cpu").contiguous()
-    blob = save(
-        # one metadata key: safetensors writes several in no fixed order, and identical saves
-        # should be identical bytes (the same sha256, so the Hub and its cache deduplicate them)
-        tensors,
-        metadata={"format": f"popup_adapter/{FORMAT_VERSION}"},
-    )
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "library": "popup_adapter",
-        "library_version": __version__,
-        "adapter_name": contents.adapter_name,
-        "config": contents.config.to_dict(),
-        "base": contents.base_spec,
-        "base_fingerprint": contents.base_fingerprint,
-        "structure": {
-            "fingerprint": structure_fingerprint(contents.base_structure),
-            "library_versions": _library_versions(),
-            "modules": contents.base_structure,
-        },
-        "layers": layers,
-        "files": {WEIGHTS_NAME: {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}},
-        "dataset": dataset,
-        "metrics": metrics or {},
-    }
-    return ArtifactFiles(blob, meta)
-
-
-def _library_versions() -> dict[str, str]:
-    """The versions of the libraries that shape a base, of those loaded (for messages)."""
-    versions = {"torch": torch.__version__}
-    for name in ("timm", "transformers"):
-        if name in sys.modules:
-            versions[name] = sys.modules[name].__version__
-    return versions
+#: how often a reader re-reads a config that a concurrent save replaced under it
+_READ_ATTEMPTS = 5
 
 
 @dataclass
@@ -182,6 +64,11 @@ class Artifact:
     meta: dict[str, Any]
     config: PopupConfig
     tensors: dict[str, np.ndarray]
+
+    @property
+    def weights_path(self) -> Path:
+        """The tensor file."""
+        return self.folder / next(iter(self.meta["files"]))
 
     @property
     def base_spec(self) -> dict[str, Any]:
@@ -226,7 +113,7 @@ class Artifact:
         else:
             fix = f"Pass model= built exactly as the base was ({describe(spec)})."
         saved_with = stored.get("library_versions", {})
-        here_with = _library_versions()
+        here_with = library_versions()
         versions = ""
         if any(saved_with.get(lib) != here_with.get(lib) for lib in saved_with):
             versions = (
@@ -243,31 +130,30 @@ class Artifact:
         layer = self.layers[name]
         return decode_mask(
             layer["encoding"],
-            self.tensors[_MASK_PREFIX + name],
+            self.tensors[MASK_PREFIX + name],
             tuple(layer["shape"]),
             layer["kept"],
-            where=f"{self.folder / WEIGHTS_NAME}, layer {name!r}",
+            where=f"{self.weights_path}, layer {name!r}",
         )
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         """The stored tensors besides the masks (BatchNorm statistics, saved modules)."""
         return {
-            key[len(_STATE_PREFIX) :]: torch.from_numpy(value.copy())
+            key[len(STATE_PREFIX) :]: torch.from_numpy(value.copy())
             for key, value in self.tensors.items()
-            if key.startswith(_STATE_PREFIX)
+            if key.startswith(STATE_PREFIX)
         }
 
-    def check_base(self, shapes: dict[str, list[int]], fingerprint: str) -> None:
-        """Refuse a base that is not this mask's weights (its structure is
-        :meth:`check_structure`'s, checked before adapting).
+    def check_shapes(self, shapes: dict[str, list[int]]) -> None:
+        """Refuse a base whose masked tensors are not the artifact's, by name and shape (what a
+        load checks on the meta device, before allocating the base).
 
         Args:
             shapes: every masked tensor of the base, by name, with its shape.
-            fingerprint: the base's weight fingerprint.
 
         Raises:
-            BaseMismatchError: naming the first difference (masked tensors, a shape, the
-                weights) and the likely cause.
+            BaseMismatchError: naming the first tensor that is missing, extra or shaped
+                otherwise.
         """
         where = self.folder / CONFIG_NAME
         if set(shapes) != set(self.layers):
@@ -284,6 +170,21 @@ class Artifact:
                     f"{where}: the mask of layer {name!r} has shape "
                     f"{self.layers[name]['shape']}, the model's weight {shape}"
                 )
+
+    def check_base(self, shapes: dict[str, list[int]], fingerprint: str) -> None:
+        """Refuse a base that is not this mask's weights (its structure is
+        :meth:`check_structure`'s, checked before adapting).
+
+        Args:
+            shapes: as in :meth:`check_shapes`.
+            fingerprint: the base's weight fingerprint.
+
+        Raises:
+            BaseMismatchError: naming the first difference (masked tensors, a shape, the
+                weights) and the likely cause.
+        """
+        self.check_shapes(shapes)
+        where = self.folder / CONFIG_NAME
         if fingerprint != self.base_fingerprint:
             raise BaseMismatchError(
                 f"the regenerated base does not match the mask in {where}: fingerprint "
@@ -297,50 +198,67 @@ class Artifact:
 
 
 def read_artifact(folder: str | os.PathLike) -> Artifact:
-    """Read and check an artifact folder.
+    """Read and check an artifact folder: every field its config holds and every tensor its
+    tensor file holds, before anything is built from them.
 
     Args:
-        folder: holds ``popup_config.json`` and ``popup_model.safetensors``.
+        folder: holds ``popup_config.json`` and the tensor file it names.
 
     Returns:
         The :class:`Artifact`, its tensor file checked against the size and sha256 its config
         records.
 
     Raises:
-        ArtifactError: a file is missing, malformed, corrupted, or of an unknown format.
+        ArtifactError: a file is missing, malformed, corrupted, too large or of an unknown
+            format (the message names the file and the field).
     """
     folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
+    config_path = folder / CONFIG_NAME
+    for _ in range(_READ_ATTEMPTS):
+        config_bytes = _read(config_path, folder)
+        meta = parse_json(config_bytes, config_path)
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if version not in READABLE_FORMATS:
             raise ArtifactError(
-                f"{path} does not exist: {folder} is not a popup_adapter "
-                "artifact (save one with model.save_pretrained)"
+                f"{config_path} has format version {repr(version)[:40]}; this popup_adapter "
+                f"({__version__}) reads versions {list(READABLE_FORMATS)}. Upgrade popup_adapter."
             )
-    try:
-        meta = json.loads(config_path.read_text())
-        version = meta["format_version"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-        raise ArtifactError(f"{config_path} is corrupted or truncated ({error})") from error
-    if version not in READABLE_FORMATS:
+        config = validate_meta(meta, config_path)
+        ((name, expected),) = meta["files"].items()
+        try:
+            blob = (folder / name).read_bytes()
+            break
+        except FileNotFoundError:
+            if _read(config_path, folder) == config_bytes:  # not a save replacing it meanwhile
+                raise ArtifactError(
+                    f"{folder / name}, the tensor file {config_path} names, does not exist; "
+                    "the artifact is incomplete: copy or download the whole folder"
+                ) from None
+    else:
+        raise ArtifactError(f"{folder} is being saved to continually; retry once saves stop")
+    sha256 = hashlib.sha256(blob).hexdigest()
+    if len(blob) != expected["size"] or sha256 != expected["sha256"]:
         raise ArtifactError(
-            f"{config_path} has format version {version!r}; this popup_adapter "
-            f"({__version__}) reads versions {list(READABLE_FORMATS)}. Upgrade popup_adapter."
-        )
-    blob = weights_path.read_bytes()
-    expected = meta["files"][WEIGHTS_NAME]
-    if len(blob) != expected["size"] or hashlib.sha256(blob).hexdigest() != expected["sha256"]:
-        raise ArtifactError(
-            f"{weights_path} is corrupted or truncated: {len(blob)} bytes with "
-            f"sha256 {hashlib.sha256(blob).hexdigest()[:16]}..., the config "
-            f"expects {expected['size']} bytes, {expected['sha256'][:16]}..."
+            f"{folder / name} is corrupted or truncated: {len(blob)} bytes with "
+            f"sha256 {sha256[:16]}..., the config expects {expected['size']} bytes, "
+            f"{expected['sha256'][:16]}..."
         )
     try:
         tensors = load(blob)
-        config = PopupConfig.from_dict(meta["config"])
-    except (SafetensorError, ValueError, TypeError) as error:
-        raise ArtifactError(f"{folder}: cannot read the artifact ({error})") from error
+    except SafetensorError as error:
+        raise ArtifactError(f"{folder / name}: not a safetensors file ({error})") from error
+    check_tensors(meta["layers"], tensors, folder / name)
     return Artifact(folder=folder, meta=meta, config=config, tensors=tensors)
+
+
+def _read(path: Path, folder: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ArtifactError(
+            f"{path} does not exist: {folder} is not a popup_adapter "
+            "artifact (save one with model.save_pretrained)"
+        ) from None
 
 
 def artifact_summary(artifact: Artifact) -> dict[str, Any]:
@@ -348,7 +266,7 @@ def artifact_summary(artifact: Artifact) -> dict[str, Any]:
     rows = []
     for name, layer in artifact.layers.items():
         numel = math.prod(layer["shape"])
-        nbytes = artifact.tensors[_MASK_PREFIX + name].size
+        nbytes = artifact.tensors[MASK_PREFIX + name].size
         rows.append(
             {
                 "name": name,
@@ -362,7 +280,7 @@ def artifact_summary(artifact: Artifact) -> dict[str, Any]:
             }
         )
     numel = sum(math.prod(layer["shape"]) for layer in artifact.layers.values())
-    state_bytes = sum(v.nbytes for k, v in artifact.tensors.items() if k.startswith(_STATE_PREFIX))
+    state_bytes = sum(v.nbytes for k, v in artifact.tensors.items() if k.startswith(STATE_PREFIX))
     return {
         "layers": rows,
         "weights": numel,
@@ -370,5 +288,5 @@ def artifact_summary(artifact: Artifact) -> dict[str, Any]:
         "entropy_bytes": sum(r["entropy_bytes"] for r in rows),
         "packed_bytes": sum((math.prod(r["shape"]) + 7) // 8 for r in rows),
         "state_bytes": state_bytes,
-        "file_bytes": (artifact.folder / WEIGHTS_NAME).stat().st_size,
+        "file_bytes": artifact.weights_path.stat().st_size,
     }

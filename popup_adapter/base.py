@@ -387,3 +387,12 @@ def _from_first_difference(a: str, b: str, context: int = 60) -> tuple[str, str]
         return text if len(text) <= 3 * context else text[: 3 * context - 3] + "..."
 
     return cut(a), cut(b)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that shape a base, of those loaded (for messages)."""
+    versions = {"torch": torch.__version__}
+    for name in ("timm", "transformers"):
+        if name in sys.modules:
+            versions[name] = sys.modules[name].__version__
+    return versions

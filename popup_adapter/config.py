@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,8 @@ class PopupConfig:
             untouched (masking a pretrained network, Zhao et al. 2020).
         scale_fan: use ``fan_in * k`` instead of ``fan_in`` in the init's scale (the paper's
             "scaled" variants), which keeps activations' variance after masking.
-        seed: the seed every random base tensor and every initial score is derived from.
+        seed: the seed every random base tensor and every initial score is derived from, in
+            [0, 2**64).
         train_norms: train the affine parameters of normalisation layers (stored in the
             artifact). By default they are identity and frozen, the paper's non-affine norms.
         mask_embeddings: also mask ``nn.Embedding`` layers when ``target_modules`` is None.
@@ -83,8 +85,12 @@ class PopupConfig:
             raise ConfigError(
                 f"unknown score_init {self.score_init!r}; choose one of {', '.join(SCORE_INITS)}"
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**64
+        ):
+            raise ConfigError(f"seed must be an int in [0, 2**64), got {str(self.seed)[:40]!r}")
         if self.scale_fan and self.init == "keep":
             raise ConfigError(
                 "scale_fan rescales a random init and has no meaning with init='keep'"
@@ -94,8 +100,16 @@ class PopupConfig:
                 "reseed_modules only applies to init='keep': every other init "
                 "already draws the whole base from the seed"
             )
-        self.target_modules = _as_name_list(self.target_modules, "target_modules")
-        self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
+        for name in ("target_modules", "exclude_modules"):
+            setattr(self, name, _as_name_list(getattr(self, name), name))
+            if isinstance(getattr(self, name), str):
+                try:
+                    re.compile(getattr(self, name))
+                except re.error as error:
+                    raise ConfigError(
+                        f"{name}={getattr(self, name)!r} is not a valid regex ({error}); pass a "
+                        "regex that matches full module names, or a list of names"
+                    ) from error
         for name in ("modules_to_save", "reseed_modules"):
             value = _as_name_list(getattr(self, name), name)
             if isinstance(value, str):

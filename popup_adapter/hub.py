@@ -7,10 +7,9 @@ message that says what was missing (repo, revision, file) and what to do.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
 from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
@@ -18,7 +17,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .artifact import ARTIFACT_FILES, CONFIG_NAME, Artifact, ArtifactFiles, read_artifact
+from .artifact import Artifact, read_artifact
+from .artifact_files import ArtifactFiles
+from .artifact_schema import ARTIFACT_PATTERNS, CONFIG_NAME, is_artifact_file
 from .errors import ArtifactError
 
 
@@ -59,7 +60,7 @@ def artifact_folder(
             snapshot_download(
                 repo_id,
                 revision=revision,
-                allow_patterns=list(ARTIFACT_FILES),
+                allow_patterns=list(ARTIFACT_PATTERNS),
                 token=token,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
@@ -119,7 +120,8 @@ def push_artifact_files(
 ):
     """Upload an artifact's files (see ``PopupModel.artifact_files``) as one commit, creating
     the repo and the branch if needed: what ``push_to_hub`` and a training loop's main process
-    (after every process gathered the masks) do.
+    (after every process gathered the masks) do. The commit also deletes the repo's earlier
+    tensor file, so the revision holds one artifact, whole, before and after.
 
     Returns:
         huggingface_hub's ``CommitInfo``.
@@ -128,12 +130,19 @@ def push_artifact_files(
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
+    contents = files.contents()
+    stale = [
+        name
+        for name in api.list_repo_files(repo_id, revision=revision)
+        if is_artifact_file(name) and name not in contents
+    ]
     k = files.meta["config"]["k"]
-    with tempfile.TemporaryDirectory() as tmp:
-        files.write(tmp)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            revision=revision,
-            commit_message=commit_message or f"Upload popup_adapter mask (k={k})",
-        )
+    return api.create_commit(
+        repo_id=repo_id,
+        operations=[
+            *(CommitOperationAdd(name, data) for name, data in contents.items()),
+            *(CommitOperationDelete(name) for name in stale),
+        ],
+        revision=revision,
+        commit_message=commit_message or f"Upload popup_adapter mask (k={k})",
+    )

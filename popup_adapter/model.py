@@ -7,23 +7,20 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .adapters import AdapterBank
-from .artifact import WEIGHTS_NAME, Artifact, ArtifactContents, ArtifactFiles, encode_artifact
 from .base import describe_structure, seed_base
 from .config import PopupConfig
-from .errors import AlreadyAdaptedError, BaseMismatchError
-from .hub import open_artifact, push_artifact_files
+from .errors import AlreadyAdaptedError
 from .injection import base_name, inject_wrappers, is_wrapper
 from .layers import PopupLayer
 from .multi_adapter import MultiAdapterMixin
+from .pretrained import PretrainedMixin
 from .seeding import fingerprint
 from .sharding import whole_tensor
 from .specs import build_base, describe_base
@@ -76,7 +73,7 @@ def get_popup_model(
     return PopupModel(model, config, adapter_name, base_kwargs=base_kwargs)
 
 
-class PopupModel(MultiAdapterMixin, nn.Module):
+class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
     """A model whose Linear/Conv layers use ``W * M``, M chosen by learned scores.
 
     The random base is drawn from ``config.seed`` when the model is built (see
@@ -117,7 +114,7 @@ class PopupModel(MultiAdapterMixin, nn.Module):
         self._bank = AdapterBank(self._shared_tensors)
 
         if targets is not None:
-            check_stored_targets(model, targets, "the artifact")
+            check_stored_targets(model, targets, config.modules_to_save or [], "the artifact")
         #: the masked tensors, in the plain model's module order
         self.targets: list[MaskTarget] = targets or resolve_targets(model, config)
         #: the share of the model's matrix weights that the masks cover
@@ -191,208 +188,3 @@ class PopupModel(MultiAdapterMixin, nn.Module):
             64 hex digits.
         """
         return fingerprint((name, whole_tensor(t)) for name, t in self.base_state().items())
-
-    # -- artifacts and the Hub
-    def artifact_contents(self, adapter_name: str | None = None) -> ArtifactContents:
-        """What an artifact of an adapter records, gathered whole.
-
-        Under FSDP this gathers sharded tensors, which every process must do together (then
-        one process writes): that is why it is separate from writing.
-
-        Args:
-            adapter_name: whose (default: the active adapter).
-
-        Returns:
-            The :class:`~popup_adapter.artifact.ArtifactContents`.
-        """
-        adapter_name = adapter_name or self.active_adapter
-        masks = self.get_masks(adapter_name)
-        return ArtifactContents(
-            adapter_name=adapter_name,
-            config=self.peft_config[adapter_name],
-            base_spec=self.base_spec,
-            base_fingerprint=self.base_fingerprint,
-            base_structure=self.base_structure,
-            masks=[
-                (target, masks[target.key], layer.num_masks if layer.per_expert else None)
-                for target, layer in self._masked_layers()
-            ],
-            state={k: whole_tensor(v) for k, v in self.trained_state(adapter_name).items()},
-        )
-
-    def artifact_files(
-        self,
-        adapter_name: str | None = None,
-        dataset: str | None = None,
-        metrics: dict[str, float] | None = None,
-    ) -> ArtifactFiles:
-        """An adapter's artifact encoded in memory, to write or push.
-
-        Args:
-            adapter_name, dataset, metrics: as in :meth:`save_pretrained`.
-
-        Returns:
-            The :class:`~popup_adapter.artifact.ArtifactFiles`.
-        """
-        return encode_artifact(self.artifact_contents(adapter_name), dataset, metrics)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        adapter_name: str | None = None,
-        dataset: str | None = None,
-        metrics: dict[str, float] | None = None,
-    ) -> Path:
-        """Save a mask as a tiny artifact folder: the base is not stored, it comes back from
-        the seed.
-
-        Args:
-            save_directory: the folder (created if needed); each file is written atomically.
-            adapter_name: the adapter to save (default: the active one).
-            dataset: recorded in the model card.
-            metrics: recorded in the config and the model card.
-
-        Returns:
-            The folder.
-        """
-        return self.artifact_files(adapter_name, dataset, metrics).write(save_directory)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        private: bool | None = None,
-        revision: str | None = None,
-        commit_message: str | None = None,
-        token: str | None = None,
-        adapter_name: str | None = None,
-        dataset: str | None = None,
-        metrics: dict[str, float] | None = None,
-    ):
-        """Publish a mask to the Hugging Face Hub as one commit.
-
-        Args:
-            repo_id: the model repo; it and the branch ``revision`` are created if needed.
-            private: visibility of a newly created repo.
-            revision: the branch (default ``main``).
-            commit_message: default ``"Upload popup_adapter mask (k=...)"``.
-            token: a Hub token (default: the logged-in one).
-            adapter_name, dataset, metrics: as in :meth:`save_pretrained`.
-
-        Returns:
-            huggingface_hub's ``CommitInfo``.
-        """
-        files = self.artifact_files(adapter_name, dataset, metrics)
-        return push_artifact_files(files, repo_id, private, revision, commit_message, token)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: str | os.PathLike,
-        model: nn.Module | None = None,
-        revision: str | None = None,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        base_model_name_or_path: str | os.PathLike | None = None,
-        check_structure: bool = True,
-        **hub_kwargs,
-    ) -> PopupModel:
-        """Load a mask from a folder or a Hub repo onto its base.
-
-        The base is regenerated from the seed, its structure and its weight fingerprint are
-        checked, then the mask is applied.
-
-        Args:
-            path_or_repo_id: an artifact folder or a Hub repo id.
-            model: the base architecture (default: rebuilt from the artifact's spec; an
-                ``init="keep"`` transformers base is loaded from the pretrained source it
-                records, or from ``base_model_name_or_path``).
-            revision: a branch, tag or commit of the Hub repo.
-            adapter_name: the name the mask gets.
-            is_trainable: keep the scores trainable (default: frozen, eval mode).
-            base_model_name_or_path: where the pretrained weights of an ``init="keep"``
-                artifact are (a folder or a Hub id), when the recorded source is not at hand.
-            check_structure: False skips the structure check alone (for an artifact saved
-                with another timm/transformers version, once you have checked the outputs).
-            **hub_kwargs: ``token``, ``cache_dir``, ``local_files_only`` for the download.
-
-        Returns:
-            The adapted model, with the mask as ``adapter_name``.
-
-        Raises:
-            ArtifactError: the artifact is missing, malformed or its pretrained base cannot
-                be found.
-            BaseMismatchError: the base is not the one the mask was trained on (names what
-                differs and the fix).
-        """
-        artifact = open_artifact(path_or_repo_id, revision, **hub_kwargs)
-        if model is None:
-            model = build_base(
-                artifact.base_spec,
-                pretrained=artifact.config.init == "keep",
-                pretrained_source=base_model_name_or_path,
-            )
-        if check_structure:  # before adapting: its message says more than a missing layer's
-            artifact.check_structure(describe_structure(model))
-        popup = cls(
-            model,
-            artifact.config,
-            adapter_name,
-            draw_scores=False,
-            base_kwargs=artifact.base_spec.get("base_kwargs"),
-            targets=artifact.targets,
-        )
-        popup._load_artifact(artifact, adapter_name)
-        popup.set_trainable(is_trainable)
-        return popup
-
-    def load_adapter(
-        self,
-        path_or_repo_id: str | os.PathLike,
-        adapter_name: str,
-        revision: str | None = None,
-        is_trainable: bool = False,
-        **hub_kwargs,
-    ) -> None:
-        """Load a further mask over this backbone as ``adapter_name`` (not made active).
-
-        Args:
-            path_or_repo_id: an artifact folder or a Hub repo id.
-            adapter_name: a new adapter name.
-            revision: a branch, tag or commit of the Hub repo.
-            is_trainable: leave its scores trainable once it is active.
-            **hub_kwargs: as in :meth:`from_pretrained`.
-
-        Raises:
-            BaseMismatchError: the mask was trained over another base, or masks other tensors.
-            AdapterError: ``adapter_name`` exists, or the artifact's config cannot share this
-                backbone.
-        """
-        artifact = open_artifact(path_or_repo_id, revision, **hub_kwargs)
-        if artifact.targets != self.targets:
-            raise BaseMismatchError(
-                f"{path_or_repo_id} masks other tensors than the adapters on this backbone "
-                f"({len(artifact.targets)} against {len(self.targets)}); load it with "
-                "PopupModel.from_pretrained instead"
-            )
-        self.add_adapter(adapter_name, artifact.config, draw_scores=False)
-        try:
-            artifact.check_structure(self.base_structure)
-            self._load_artifact(artifact, adapter_name)
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
-        self.set_trainable(is_trainable, adapter_name)
-
-    def _load_artifact(self, artifact: Artifact, adapter_name: str) -> None:
-        """Check that this base is the artifact's, then set ``adapter_name``'s masks and state
-        (its structure is checked by the caller, before adapting)."""
-        masked = dict(self.popup_layers())
-        shapes = {name: list(layer.base_weight.shape) for name, layer in masked.items()}
-        artifact.check_base(shapes, self.base_fingerprint)
-        with torch.no_grad():
-            for name, layer in masked.items():
-                layer.load_mask(adapter_name, artifact.mask(name))
-        where = artifact.folder / WEIGHTS_NAME
-        self.load_trained_state(adapter_name, artifact.stored_state(), where=where)
-
-    # -- internals

@@ -22,6 +22,7 @@ from .adapters import (
     ModulesToSaveWrapper,
     adapter_parameter_owner,
     initial_batchnorm_stats,
+    stored_state_problem,
 )
 from .base import is_inside, is_norm_module
 from .config import PopupConfig
@@ -36,7 +37,7 @@ from .injection import (
 )
 from .layers import PopupLayer
 from .seeding import score_values
-from .targets import resolve_targets
+from .targets import MaskTarget, resolve_targets
 
 
 class MultiAdapterMixin:
@@ -102,7 +103,9 @@ class MultiAdapterMixin:
             where: named in the error messages (a file).
 
         Raises:
-            ArtifactError: a tensor is missing, unexpected or of another shape.
+            ArtifactError: a tensor is missing or unexpected, of another shape, of a dtype it
+                cannot be stored in exactly, or BatchNorm statistics that are not finite or a
+                negative variance (checked for every tensor before any is set).
         """
         target = self.trained_state(adapter_name)
         if set(target) != set(state):
@@ -111,13 +114,12 @@ class MultiAdapterMixin:
                 f"{where}: stored tensors do not fit this model (missing "
                 f"{missing[:5]}, unexpected {unexpected[:5]})"
             )
+        for key, value in state.items():
+            problem = stored_state_problem(key, value, target[key])
+            if problem:
+                raise ArtifactError(f"{where}: {key} {problem}; the file is corrupted")
         with torch.no_grad():
             for key, value in state.items():
-                if value.shape != target[key].shape:
-                    raise ArtifactError(
-                        f"{where}: {key} has shape {tuple(value.shape)}, the "
-                        f"model's is {tuple(target[key].shape)}"
-                    )
                 target[key].copy_(value)
 
     def set_trainable(self, is_trainable: bool, adapter_name: str | None = None) -> None:
@@ -139,7 +141,12 @@ class MultiAdapterMixin:
             self.eval()
 
     def add_adapter(
-        self, adapter_name: str, config: PopupConfig, *, draw_scores: bool = True
+        self,
+        adapter_name: str,
+        config: PopupConfig,
+        *,
+        draw_scores: bool = True,
+        targets: list[MaskTarget] | None = None,
     ) -> None:
         """Add a further mask over the same backbone; it does not become active by itself.
 
@@ -148,6 +155,8 @@ class MultiAdapterMixin:
             config: its config; the base-defining fields (init, seed, scale_fan, norm policy),
                 the targets and ``modules_to_save`` must be the backbone's.
             draw_scores: False leaves the scores at zero, for a mask loaded right after.
+            targets: the tensors it masks, when known (an artifact's own list): then
+                ``config``'s selectors are not matched again (an artifact's regexes never run).
 
         Raises:
             AdapterError: the name exists, or the config needs another base or other targets.
@@ -161,10 +170,11 @@ class MultiAdapterMixin:
                 f"this backbone's ({first.base_defining()}); masks over one backbone must share "
                 "init, seed, scale_fan and the norm policy"
             )
-        with warnings.catch_warnings():  # the first adapter's resolution warned already
-            warnings.simplefilter("ignore")
-            wanted = resolve_targets(self.unload_view(), config)
-        if wanted != self.targets or (config.modules_to_save or []) != (
+        if targets is None:
+            with warnings.catch_warnings():  # the first adapter's resolution warned already
+                warnings.simplefilter("ignore")
+                targets = resolve_targets(self.unload_view(), config)
+        if targets != self.targets or (config.modules_to_save or []) != (
             first.modules_to_save or []
         ):
             raise AdapterError(

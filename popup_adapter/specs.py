@@ -11,15 +11,30 @@ for a spec of their kind.
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
+from .convnets import ConvNet
 from .errors import ArtifactError, ConfigError
+
+LIBRARIES = ("timm", "transformers", "popup_adapter", "custom")
+#: ``timm.create_model``'s own arguments: they load weights or configs from files and repos (a
+#: spec passes constructor arguments only, whatever an artifact says)
+TIMM_LOADING_ARGUMENTS = frozenset(
+    {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
+    | {"scriptable", "exportable", "no_jit"}
+)
+#: a registered model name: no ``hf-hub:`` / ``local-dir:`` prefix, no path
+_MODEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,127}")
 
 
 def _pretrained_source(model: nn.Module) -> dict[str, str]:
@@ -111,69 +126,158 @@ def describe(spec: dict[str, Any]) -> str:
     return f"{library} {spec.get('class', '?')}"
 
 
+def check_spec(spec: dict[str, Any], where: object) -> None:
+    """Refuse a spec that would not rebuild as written here, before anything is built.
+
+    An artifact's spec is untrusted: its library must be one popup_adapter rebuilds, its fields
+    of the types it writes, a timm name a registered model's (not ``hf-hub:...``,
+    ``local-dir:...`` or a path, which would make timm fetch what the artifact chose), its
+    constructor arguments free of ``timm.create_model``'s loading arguments
+    (``checkpoint_path``, ``pretrained_cfg``...), a pretrained source a Hub repo id.
+
+    Args:
+        spec: an artifact's ``base``.
+        where: the file, named in errors.
+
+    Raises:
+        ArtifactError: naming the field.
+    """
+
+    def refuse(field: str, problem: str) -> None:
+        raise ArtifactError(
+            f"{where}: field 'base.{field}' {problem}; the file is corrupted or was not written "
+            "by popup_adapter (download it again, or ask whoever published it to save it again)"
+        )
+
+    library = spec.get("library")
+    if library not in LIBRARIES:
+        refuse("library", f"is {str(library)[:40]!r}, not one of {list(LIBRARIES)}")
+    fields = {"timm": {"architecture": str, "kwargs": dict}, "custom": {"class": str}}.get(
+        library, {"class": str, "config" if library == "transformers" else "kwargs": dict}
+    )
+    optional = {"base_kwargs": dict, "name_or_path": str, "pretrained_folder": str}
+    for field, kind in fields.items():
+        if not isinstance(spec.get(field), kind):
+            refuse(field, f"must be a {kind.__name__}")
+    for field, kind in optional.items():
+        if field in spec and not isinstance(spec[field], kind):
+            refuse(field, f"must be a {kind.__name__}")
+    if library == "timm":
+        if not _MODEL_NAME.fullmatch(spec["architecture"]):
+            refuse(
+                "architecture",
+                f"is {spec['architecture'][:60]!r}, not a timm model name (names that point at "
+                "a Hub repo or a file, hf-hub:... or local-dir:..., are refused)",
+            )
+        loading = TIMM_LOADING_ARGUMENTS & {*spec["kwargs"], *spec.get("base_kwargs", {})}
+        if loading:
+            refuse("kwargs", f"passes {sorted(loading)}: timm.create_model loads files with them")
+    elif library == "popup_adapter" and spec["class"] != ConvNet.__name__:
+        refuse("class", f"is {spec['class'][:60]!r}; popup_adapter builds {ConvNet.__name__}")
+    if "name_or_path" in spec:
+        try:
+            validate_repo_id(spec["name_or_path"])
+        except HFValidationError:
+            refuse("name_or_path", f"is {spec['name_or_path'][:80]!r}, not a Hub repo id")
+
+
 def build_base(
     spec: dict[str, Any],
     pretrained: bool = False,
     pretrained_source: str | os.PathLike | None = None,
+    meta: bool = False,
 ) -> nn.Module:
     """Rebuild the architecture a spec describes (random weights; the seed sets them after).
 
     Args:
-        spec: as :func:`describe_base` wrote it (an artifact's ``base``).
+        spec: as :func:`describe_base` wrote it (an artifact's ``base``, checked by
+            :func:`check_spec`).
         pretrained: an ``init="keep"`` artifact: a transformers base is loaded with the stored
             config (so a head is built as it was) rather than built at random.
         pretrained_source: where the pretrained weights are (a folder or Hub id); default the
-            Hub repo the spec records (its local cache under ``HF_HUB_OFFLINE``).
+            Hub repo the spec records (its local cache under ``HF_HUB_OFFLINE``). Only
+            safetensors weights are read, never a pickle, and no remote code runs.
+        meta: build on the meta device (shapes only, nothing allocated, nothing downloaded):
+            what a load checks before it builds for real.
 
     Returns:
         The plain model.
 
     Raises:
-        ArtifactError: the spec names a class this library version lacks, a custom model, or a
-            pretrained source that cannot be found (the message says what to pass).
+        ArtifactError: the spec names a model this library version lacks, a custom model,
+            constructor arguments the model refuses, or a pretrained source that cannot be
+            found (the message says what to pass).
     """
     library = spec.get("library")
-    if library == "timm":
-        import timm
+    if library == "custom":
+        raise ArtifactError(
+            f"the base of this mask is a {spec.get('class', 'custom model')}, which "
+            "popup_adapter cannot rebuild by itself; pass model= with that "
+            "architecture (its weights are regenerated from the seed)"
+        )
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            if library == "timm":
+                return _build_timm(spec)
+            if library == "transformers":
+                return _build_transformers(spec, pretrained and not meta, pretrained_source)
+            return ConvNet(**spec["kwargs"])
+    except ArtifactError:
+        raise
+    except Exception as error:  # the spec's arguments reach third-party constructors as they are
+        raise ArtifactError(
+            f"{describe(spec)} does not build from the artifact's spec ({type(error).__name__}: "
+            f"{str(error)[:300]}); the artifact was saved with other library versions or is "
+            "corrupted: pass model= with the base built as it was"
+        ) from error
 
-        kwargs = {**spec["kwargs"], **spec.get("base_kwargs", {})}
-        return timm.create_model(spec["architecture"], pretrained=False, **kwargs)
-    if library == "transformers":
-        import transformers
 
-        model_class = getattr(transformers, spec["class"], None)
-        if model_class is None:
-            raise ArtifactError(
-                f"transformers {transformers.__version__} has no class "
-                f"{spec['class']!r}; upgrade transformers or pass model="
-            )
-        config = model_class.config_class.from_dict(spec["config"])
-        if not pretrained:
-            return model_class(config)
-        source = pretrained_source or spec.get("name_or_path")
-        if not source:
-            folder = spec.get("pretrained_folder")
-            where = f"a local folder named {folder!r}" if folder else "a source it did not record"
-            raise ArtifactError(
-                f"this mask was trained over a pretrained {spec['class']} loaded from {where} "
-                "on the machine that saved it; pass base_model_name_or_path= with your copy of "
-                "those weights (a folder or Hub repo id), or model= with the loaded base"
-            )
-        try:
-            model = model_class.from_pretrained(source, config=config)
-        except OSError as error:
-            raise ArtifactError(
-                f"cannot load the pretrained base {str(source)!r} this mask was trained over "
-                f"({error}); pass base_model_name_or_path= with a copy of it, or model="
-            ) from error
-        if spec.get("name_or_path"):  # a local copy of a Hub model still names the Hub repo
-            model.config._name_or_path = spec["name_or_path"]
-        return model
-    if library == "popup_adapter":
-        models = importlib.import_module("popup_adapter.convnets")
-        return getattr(models, spec["class"])(**spec["kwargs"])
-    raise ArtifactError(
-        f"the base of this mask is a {spec.get('class', 'custom model')}, which "
-        "popup_adapter cannot rebuild by itself; pass model= with that "
-        "architecture (its weights are regenerated from the seed)"
-    )
+def _build_timm(spec: dict[str, Any]) -> nn.Module:
+    import timm
+
+    if not timm.is_model(spec["architecture"]):
+        raise ArtifactError(
+            f"timm {timm.__version__} has no model {spec['architecture']!r}; upgrade timm or "
+            "pass model="
+        )
+    kwargs = {**spec["kwargs"], **spec.get("base_kwargs", {})}
+    return timm.create_model(spec["architecture"], pretrained=False, **kwargs)
+
+
+def _build_transformers(
+    spec: dict[str, Any], pretrained: bool, pretrained_source: str | os.PathLike | None
+) -> nn.Module:
+    import transformers
+    from transformers import PreTrainedModel
+
+    model_class = getattr(transformers, spec["class"], None)
+    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+        raise ArtifactError(
+            f"transformers {transformers.__version__} has no model class "
+            f"{spec['class']!r}; upgrade transformers or pass model="
+        )
+    config = model_class.config_class.from_dict(spec["config"])
+    if not pretrained:
+        return model_class(config)
+    source = pretrained_source or spec.get("name_or_path")
+    if not source:
+        folder = spec.get("pretrained_folder")
+        where = f"a local folder named {folder!r}" if folder else "a source it did not record"
+        raise ArtifactError(
+            f"this mask was trained over a pretrained {spec['class']} loaded from {where} "
+            "on the machine that saved it; pass base_model_name_or_path= with your copy of "
+            "those weights (a folder or Hub repo id), or model= with the loaded base"
+        )
+    try:
+        model = model_class.from_pretrained(
+            source, config=config, use_safetensors=True, trust_remote_code=False
+        )
+    except OSError as error:
+        raise ArtifactError(
+            f"cannot load the pretrained base {str(source)!r} this mask was trained over "
+            f"({error}); pass base_model_name_or_path= with a copy of it (safetensors weights), "
+            "or model="
+        ) from error
+    if spec.get("name_or_path"):  # a local copy of a Hub model still names the Hub repo
+        model.config._name_or_path = spec["name_or_path"]
+    return model

@@ -189,9 +189,13 @@ def resolve_targets(model: nn.Module, config: PopupConfig) -> list[MaskTarget]:
     return targets
 
 
-def check_stored_targets(model: nn.Module, targets: list[MaskTarget], where: object) -> None:
-    """Refuse a model that lacks (or cannot mask) a tensor an artifact masks."""
-    missing = []
+def check_stored_targets(
+    model: nn.Module, targets: list[MaskTarget], modules_to_save: list[str], where: object
+) -> None:
+    """Refuse a model that lacks (or cannot mask) a tensor an artifact masks, or a module it
+    saves."""
+    names = {name for name, _ in model.named_modules(remove_duplicate=False) if name}
+    missing = [root for root in modules_to_save if root not in names]
     for target in targets:
         try:
             module = model.get_submodule(target.module)
@@ -202,7 +206,7 @@ def check_stored_targets(model: nn.Module, targets: list[MaskTarget], where: obj
             missing.append(target.key)
     if missing:
         raise BaseMismatchError(
-            f"{where} masks tensors this model does not have, or cannot mask: {missing[:5]}"
+            f"{where} masks or saves what this model does not have, or cannot mask: {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}; the base is not the architecture the mask "
             "was trained on"
         )

@@ -11,14 +11,10 @@ from conftest import MODELS, logits
 from torch import nn
 
 from popup_adapter import ArtifactError, BaseMismatchError, PopupConfig, PopupModel, get_popup_model
-from popup_adapter.artifact import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    artifact_summary,
-    atomic_write,
-    read_artifact,
-)
+from popup_adapter.artifact import artifact_summary, read_artifact
+from popup_adapter.artifact_schema import CONFIG_NAME
 from popup_adapter.convnets import create_conv_net
+from popup_adapter.storage import atomic_write
 
 ROUND_TRIP = ["resnet50", "bert", "gpt2"]
 
@@ -53,9 +49,11 @@ def saved_models(tmp_path_factory):
 
 def test_folder_holds_json_safetensors_and_a_card_and_nothing_pickled(saved_models):
     folder = saved_models / "resnet50"
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
     meta = json.loads((folder / CONFIG_NAME).read_text())
-    assert meta["format_version"] == 2 and meta["config"]["k"] == 0.3
+    (weights,) = meta["files"]
+    assert weights == f"popup_model-{meta['files'][weights]['sha256'][:16]}.safetensors"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, weights]
+    assert meta["format_version"] == 3 and meta["config"]["k"] == 0.3
     assert meta["base"] == {
         "library": "timm",
         "architecture": "resnet50",
@@ -273,15 +271,15 @@ def test_mask_of_the_wrong_shape(conv_artifact):
     deeper = create_conv_net("conv4", width=0.25)
     with pytest.raises(BaseMismatchError, match=r"'classifier.1' has shape \[64, 3136\]"):
         PopupModel.from_pretrained(conv_artifact, model=deeper, check_structure=False)
-    with pytest.raises(BaseMismatchError, match="masks tensors this model does not have"):
+    with pytest.raises(BaseMismatchError, match="masks or saves what this model does not have"):
         PopupModel.from_pretrained(conv_artifact, model=nn.Sequential(), check_structure=False)
 
 
 def test_truncated_and_corrupted_files(conv_artifact):
-    weights = conv_artifact / WEIGHTS_NAME
+    weights = read_artifact(conv_artifact).weights_path
     blob = weights.read_bytes()
     weights.write_bytes(blob[:-100])
-    with pytest.raises(ArtifactError, match=r"popup_model.safetensors is corrupted or truncated"):
+    with pytest.raises(ArtifactError, match=r"popup_model-[0-9a-f]{16}.safetensors is corrupted"):
         PopupModel.from_pretrained(conv_artifact)
     weights.write_bytes(blob)
     (conv_artifact / CONFIG_NAME).write_text('{"format_version": 1, "conf')
@@ -372,13 +370,13 @@ def test_earlier_formats_still_load(name):
 def test_importing_changes_no_umask_and_files_follow_it(tmp_path):
     """main set the umask to 0 and back at import (a window in which another thread's files get
     mode 0666); nothing calls os.umask now, and the files still get the user's mode."""
-    import popup_adapter.artifact as artifact
+    import popup_adapter.storage as storage
 
-    assert "os.umask" not in Path(artifact.__file__).read_text()
+    assert "os.umask" not in Path(storage.__file__).read_text()
     script = (
         "import os\n"
         "os.umask(0o027)\n"
-        "import popup_adapter.artifact as artifact\n"
+        "import popup_adapter.storage as artifact\n"
         "print(os.umask(0o027))\n"
         f"artifact.atomic_write(__import__('pathlib').Path({str(tmp_path / 'f')!r}), b'x')\n"
     )

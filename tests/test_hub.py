@@ -55,11 +55,12 @@ def test_push_then_load_in_a_fresh_process(tmp_path, mode):
         assert len(oids.split()) == 3
         for name in ROUND_TRIP:
             commit = hub.state.repos[f"me/{name}"].resolve("main")
-            assert {"README.md", "popup_config.json", "popup_model.safetensors"} <= set(
-                commit.files
-            )
+            (weights,) = [f for f in commit.files if f.endswith(".safetensors")]
+            assert {"README.md", "popup_config.json", weights} == set(commit.files) - {
+                ".gitattributes"
+            }
             assert commit.title == f"{name} mask" and hub.state.repos[f"me/{name}"].private
-            assert ("popup_model.safetensors" in commit.lfs) == (mode == "lfs")
+            assert (weights in commit.lfs) == (mode == "lfs")
         load_env = client_env(hub, tmp_path / "load-cache", **extra)
         out = run_fresh(
             FRESH_PROCESS_CHECK.format(
@@ -119,3 +120,30 @@ def test_revisions_tags_offline_and_errors(tmp_path):
         # offline with an empty cache: a clear error, not a network attempt
         empty = run_fresh(LOAD_OFFLINE, client_env(hub, tmp_path / "empty", HF_HUB_OFFLINE="1"))
         assert "me/conv@main is not in the Hub cache and the Hub cannot be reached" in empty
+
+
+REPUSH = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_artifact_safety import X_CONV, conv_model
+from popup_adapter import PopupModel
+for k in (0.3, 0.6):
+    model = conv_model(k)
+    model.push_to_hub("me/conv", metrics={{"k": k}})
+loaded = PopupModel.from_pretrained("me/conv")
+with torch.no_grad():
+    print(torch.equal(loaded(X_CONV), model(X_CONV)))
+"""
+
+
+def test_a_second_push_replaces_the_artifact_in_one_commit(tmp_path):
+    """The tensor file is named by its content: the second push's commit adds the new one and
+    deletes the first, so each revision holds exactly one artifact."""
+    with HubServer() as hub:
+        out = run_fresh(REPUSH.format(tests=TESTS), client_env(hub, tmp_path / "cache"))
+        repo = hub.state.repos["me/conv"]
+        second = repo.resolve("main")
+        first = repo.commits[second.parent]
+        weights = [{f for f in c.files if f.endswith(".safetensors")} for c in (first, second)]
+    assert out.split() == ["True"]
+    assert len(weights[0]) == len(weights[1]) == 1 and weights[0] != weights[1]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from popup_adapter import PopupModel
+from popup_adapter.artifact import read_artifact
 from popup_adapter.distributed import mask_digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,8 +129,8 @@ def test_resumed_run_ends_with_the_same_masks(image_folder, tmp_path):
     run([sys.executable, *part, "--max-train-steps", "7"])  # stops inside epoch 2
     out = run([sys.executable, *part, "--resume"])
     assert "resumed from" in out and "at step 7" in out
-    weights = "popup_model.safetensors"
-    assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "part" / weights).read_bytes()
+    whole, part = (read_artifact(tmp_path / name).weights_path for name in ("whole", "part"))
+    assert whole.name == part.name and whole.read_bytes() == part.read_bytes()
 
 
 @needs_fashion_mnist

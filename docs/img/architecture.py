@@ -22,12 +22,13 @@ TRAIN = [
 ]
 LOAD = [
     ("open_artifact", "hub.py"),
-    ("read and check\nthe files", "artifact.py\ncodec.py"),
+    ("read and check\nevery field", "artifact.py\nartifact_schema.py"),
+    ("build on meta:\nshapes, memory", "pretrained.py\nspecs.py"),
     ("rebuild the\narchitecture", "specs.py"),
     ("draw the base\nfrom the seed", "base.py\nseeding.py"),
     ("wrap the\ntargets", "targets.py\ninjection.py"),
     ("check the base,\nset the masks", "artifact.py\nlayers.py"),
-    ("PopupModel", "model.py\nmulti_adapter.py"),
+    ("PopupModel", "model.py\npretrained.py"),
 ]
 
 
@@ -68,8 +69,8 @@ def draw_column(ax, steps, x, colour, title):
 
 
 def main() -> None:
-    fig, ax = plt.subplots(figsize=(10, 7.2))
-    top = len(TRAIN) * (0.95 + 0.42)
+    fig, ax = plt.subplots(figsize=(10, 8.2))
+    top = max(len(TRAIN), len(LOAD)) * (0.95 + 0.42)
     ax.set_xlim(0, 9.3)
     ax.set_ylim(0, top + 0.7)
     ax.axis("off")

@@ -1,0 +1,168 @@
+"""An artifact being saved: what it records, encoded and checked in memory, then written.
+
+A :class:`~popup_adapter.PopupModel` gathers :class:`ArtifactContents` (plain data: this module
+never sees a model); :func:`encode_artifact` turns it into the files' bytes, checking every
+value on the way (metrics included), so that nothing is left to fail once writing starts but
+the disk; :meth:`ArtifactFiles.write` writes them all or nothing (:mod:`popup_adapter.storage`)
+and a push sends them as one commit. The format itself: :mod:`popup_adapter.artifact`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+
+from . import __version__
+from .artifact_schema import (
+    CARD_NAME,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    MASK_PREFIX,
+    STATE_PREFIX,
+    checked_metrics,
+    is_artifact_file,
+    weights_name,
+)
+from .base import library_versions, structure_fingerprint
+from .card import model_card
+from .codec import encode_mask
+from .config import PopupConfig
+from .errors import ArtifactError
+from .storage import commit_files
+from .targets import MaskTarget
+
+
+@dataclass
+class ArtifactFiles:
+    """An artifact's files in memory, encoded and checked: nothing is left to fail once writing
+    starts but the disk."""
+
+    blob: bytes
+    meta: dict[str, Any]
+    #: ``popup_config.json``'s bytes (strict JSON)
+    config_json: bytes
+    card: str
+
+    @property
+    def weights_name(self) -> str:
+        """The tensor file's name (see :func:`~popup_adapter.artifact_schema.weights_name`)."""
+        return next(iter(self.meta["files"]))
+
+    def contents(self) -> dict[str, bytes]:
+        """Every file by name."""
+        return {
+            self.weights_name: self.blob,
+            CONFIG_NAME: self.config_json,
+            CARD_NAME: self.card.encode(),
+        }
+
+    def write(self, save_directory: str | os.PathLike) -> Path:
+        """Write the artifact into ``save_directory``, all or nothing (see the module
+        docstring), replacing the artifact saved there before.
+
+        Returns:
+            The folder.
+        """
+        folder = Path(save_directory)
+        commit_files(
+            folder,
+            data={self.weights_name: self.blob},
+            commit=(CONFIG_NAME, self.config_json),
+            after={CARD_NAME: self.card.encode()},
+            owned=is_artifact_file,
+        )
+        return folder
+
+
+@dataclass
+class ArtifactContents:
+    """What an artifact records, as plain data (a :class:`~popup_adapter.PopupModel` gathers
+    it, see ``PopupModel.artifact_contents``): this module never sees a model."""
+
+    adapter_name: str
+    config: PopupConfig
+    base_spec: dict[str, Any]
+    base_fingerprint: str
+    base_structure: dict[str, str]
+    #: every masked tensor: its target, its boolean mask, and its number of experts (an expert
+    #: bank, one mask each) or None
+    masks: list[tuple[MaskTarget, torch.Tensor, int | None]]
+    #: what training changed besides the masks, by plain names (whole, on any device)
+    state: dict[str, torch.Tensor]
+
+
+def encode_artifact(
+    contents: ArtifactContents,
+    dataset: str | None = None,
+    metrics: dict[str, float] | None = None,
+) -> ArtifactFiles:
+    """Encode ``contents`` as the artifact's files, in memory.
+
+    Args:
+        contents: the masks and everything else the artifact records.
+        dataset: recorded in the model card.
+        metrics: recorded in the config and the card: numbers (numpy scalars and one-element
+            tensors too) or strings; NaN and infinities are stored as strings.
+
+    Returns:
+        The files, to write (:meth:`ArtifactFiles.write`) or push.
+
+    Raises:
+        ArtifactError: a metric or dataset that the config cannot store; raised before
+            anything is written.
+    """
+    metrics = checked_metrics(metrics)
+    if not isinstance(dataset, (str, type(None))):
+        raise ArtifactError(f"dataset must be a string (a dataset name), got {dataset!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for target, mask, experts in contents.masks:
+        encoding, payload = encode_mask(mask)
+        tensors[MASK_PREFIX + target.key] = torch.from_numpy(payload)
+        layers[target.key] = {
+            "module": target.module,
+            "parameter": target.parameter,
+            "shape": list(mask.shape),
+            "kept": int(mask.sum()),
+            "encoding": encoding,
+            **({"experts": experts} if experts is not None else {}),
+        }
+    for name, value in contents.state.items():
+        tensors[STATE_PREFIX + name] = value.to("cpu").contiguous()
+    blob = save(
+        # one metadata key: safetensors writes several in no fixed order, and identical saves
+        # should be identical bytes (the same sha256, so the Hub and its cache deduplicate them)
+        tensors,
+        metadata={"format": f"popup_adapter/{FORMAT_VERSION}"},
+    )
+    sha256 = hashlib.sha256(blob).hexdigest()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library": "popup_adapter",
+        "library_version": __version__,
+        "adapter_name": contents.adapter_name,
+        "config": contents.config.to_dict(),
+        "base": contents.base_spec,
+        "base_fingerprint": contents.base_fingerprint,
+        "structure": {
+            "fingerprint": structure_fingerprint(contents.base_structure),
+            "library_versions": library_versions(),
+            "modules": contents.base_structure,
+        },
+        "layers": layers,
+        "files": {weights_name(FORMAT_VERSION, sha256): {"sha256": sha256, "size": len(blob)}},
+        "dataset": dataset,
+        "metrics": metrics,
+    }
+    try:
+        config_json = (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode()
+    except (TypeError, ValueError) as error:
+        raise ArtifactError(f"the artifact's config cannot be stored as JSON ({error})") from error
+    return ArtifactFiles(blob, meta, config_json, model_card(meta, len(blob)))
