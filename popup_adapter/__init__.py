@@ -21,7 +21,8 @@ from .errors import (
     PopupError,
     TargetModulesError,
 )
-from .layers import PopupConv, PopupConv1D, PopupEmbedding, PopupLayer, PopupLinear
+from .layer_kinds import PopupConv, PopupConv1D, PopupEmbedding, PopupLinear
+from .layers import PopupLayer
 from .model import PopupModel, get_popup_model
 from .selection import masked_weight, num_kept, topk_mask
 

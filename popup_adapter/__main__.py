@@ -16,7 +16,18 @@ from .specs import describe
 
 
 def inspect_artifact(path_or_repo_id: str, revision: str | None = None) -> str:
-    """The report ``inspect`` prints: base, k, seed, fingerprint, and each layer's bytes."""
+    """The report ``inspect`` prints: base, k, seed, fingerprint, and each layer's bytes.
+
+    Args:
+        path_or_repo_id: an artifact folder or a Hub repo id.
+        revision: a branch, tag or commit of the Hub repo.
+
+    Returns:
+        The report, one line per field and one per masked layer.
+
+    Raises:
+        ArtifactError: the artifact is missing or malformed.
+    """
     artifact = open_artifact(path_or_repo_id, revision)
     summary = artifact_summary(artifact)
     config = artifact.config

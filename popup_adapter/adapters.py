@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,11 @@ class ModulesToSaveWrapper(nn.Module):
     """A module trained densely, one copy per adapter (PEFT's ``modules_to_save``)."""
 
     def __init__(self, module: nn.Module) -> None:
+        """Wrap ``module``; it stays the forward's module until an adapter gets a copy.
+
+        Args:
+            module: the module to train densely per adapter (e.g. a new classifier head).
+        """
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
@@ -33,30 +39,59 @@ class ModulesToSaveWrapper(nn.Module):
         self.disable_adapters = False
 
     def update(self, adapter_name: str) -> None:
-        """Add a trainable copy of the original module for ``adapter_name``."""
+        """Add a trainable copy of the original module for ``adapter_name``.
+
+        Args:
+            adapter_name: the new adapter.
+        """
         copy_ = copy.deepcopy(self.original_module)
         copy_.requires_grad_(True)
         self.modules_to_save[adapter_name] = copy_
 
     def set_adapter(self, adapter_name: str | None) -> None:
-        """Route the forward to ``adapter_name``'s copy; only it trains."""
+        """Route the forward to ``adapter_name``'s copy; only it trains.
+
+        Args:
+            adapter_name: the adapter whose copy computes, or None for the original module.
+        """
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == adapter_name)
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Drop ``adapter_name``'s copy."""
+        """Drop ``adapter_name``'s copy.
+
+        Args:
+            adapter_name: the adapter whose copy goes.
+        """
         del self.modules_to_save[adapter_name]
 
-    def forward(self, *args, **kwargs):
-        """The active adapter's copy (the original when adapters are disabled)."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The active adapter's copy (the original when adapters are disabled).
+
+        Args:
+            *args: the wrapped module's own inputs.
+            **kwargs: the wrapped module's own inputs.
+
+        Returns:
+            What that copy returns.
+        """
         if self.disable_adapters or self.active_adapter is None:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
 
 
 def initial_batchnorm_stats(bn: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """The statistics of a BatchNorm that has seen no batch: what a new adapter starts from."""
+    """The statistics of a BatchNorm that has seen no batch: what a new adapter starts from.
+
+    Args:
+        bn: a BatchNorm module.
+        prefix: its name, prepended to the statistics' names.
+
+    Returns:
+        ``{prefix.running_mean: zeros, prefix.running_var: ones, prefix.num_batches_tracked: 0}``
+        (those the module tracks).
+    """
     return {
         f"{prefix}.running_mean": torch.zeros_like(bn.running_mean),
         f"{prefix}.running_var": torch.ones_like(bn.running_var),
@@ -74,18 +109,36 @@ class AdapterBank:
     """
 
     def __init__(self, live: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """An empty bank over the tensors that ``live()`` returns (the active adapter's).
+
+        Args:
+            live: returns the live tensors by name (BatchNorm statistics, trained norms).
+        """
         self._live = live
         self._stored: dict[str, dict[str, torch.Tensor]] = {}
 
     def add(self, adapter_name: str, initial: dict[str, torch.Tensor]) -> None:
-        """Give a new, inactive adapter its starting values (one for every live tensor)."""
+        """Give a new, inactive adapter its starting values (one for every live tensor).
+
+        Args:
+            adapter_name: the new adapter.
+            initial: its starting value for every live tensor, by name.
+
+        Raises:
+            AdapterError: ``initial`` does not name exactly the live tensors.
+        """
         if set(initial) != set(self._live()):
             raise AdapterError(f"adapter {adapter_name!r} needs a value for every shared tensor")
         self._stored[adapter_name] = {k: v.detach().clone() for k, v in initial.items()}
 
     def switch(self, previous: str | None, incoming: str) -> None:
         """Store the live values as ``previous``'s (None: discard them, the adapter was
-        deleted) and put ``incoming``'s in their place."""
+        deleted) and put ``incoming``'s in their place.
+
+        Args:
+            previous: the adapter that was active, or None.
+            incoming: the adapter that becomes active.
+        """
         live = self._live()
         if previous is not None:
             self._stored[previous] = {k: v.detach().clone() for k, v in live.items()}
@@ -95,19 +148,38 @@ class AdapterBank:
                 tensor.copy_(values[name])
 
     def remove(self, adapter_name: str) -> None:
-        """Forget an inactive adapter's values."""
+        """Forget an inactive adapter's values.
+
+        Args:
+            adapter_name: an inactive adapter.
+        """
         self._stored.pop(adapter_name, None)
 
     def state(self, adapter_name: str, active: bool) -> dict[str, torch.Tensor]:
         """``adapter_name``'s values by name: the live tensors when it is the active adapter,
-        else its stored ones. Copying into them sets that adapter's values."""
+        else its stored ones. Copying into them sets that adapter's values.
+
+        Args:
+            adapter_name: whose values.
+            active: whether it is the active adapter.
+
+        Returns:
+            ``{name: tensor}``, live or stored.
+        """
         return self._live() if active else dict(self._stored[adapter_name])
 
 
 def adapter_parameter_owner(name: str) -> str | None:
     """The adapter a parameter name belongs to (``...popup_scores.<adapter>`` or
     ``...modules_to_save.<adapter>...``), matched by whole name segments so that ``default``
-    never matches ``default2``; None for a backbone parameter."""
+    never matches ``default2``; None for a backbone parameter.
+
+    Args:
+        name: a parameter's name in the adapted model.
+
+    Returns:
+        The adapter's name, or None.
+    """
     parts = name.split(".")
     for index, part in enumerate(parts[:-1]):
         if part in ("popup_scores", "modules_to_save"):

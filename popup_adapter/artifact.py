@@ -45,11 +45,11 @@ from .artifact_schema import (
     parse_json,
     validate_meta,
 )
-from .base import first_difference, library_versions, structure_fingerprint
 from .codec import decode_mask, entropy_bits
 from .config import PopupConfig
 from .errors import ArtifactError, BaseMismatchError
 from .specs import describe
+from .structure import first_difference, library_versions, structure_fingerprint
 from .targets import MaskTarget
 
 #: how often a reader re-reads a config that a concurrent save replaced under it
@@ -95,9 +95,18 @@ class Artifact:
         ]
 
     def check_structure(self, structure: dict[str, str]) -> None:
-        """Refuse a base whose structure (:func:`~popup_adapter.base.describe_structure`) is not
-        the one this mask was trained on, naming the first module that differs and the fix.
-        Format-1 artifacts record no structure: only their weight fingerprint is checked."""
+        """Refuse a base whose structure
+        (:func:`~popup_adapter.structure.describe_structure`) is not the one this mask was
+        trained on, naming the first module that differs and the fix.
+        Format-1 artifacts record no structure: only their weight fingerprint is checked.
+
+        Args:
+            structure: the base's structure, as described here.
+
+        Raises:
+            BaseMismatchError: the structures differ (the message names the first difference, the
+                fix, and the library versions when they differ).
+        """
         stored = self.meta.get("structure")
         if stored is None or structure_fingerprint(structure) == stored["fingerprint"]:
             return
@@ -126,7 +135,17 @@ class Artifact:
         )
 
     def mask(self, name: str) -> torch.Tensor:
-        """The decoded boolean mask of layer ``name``."""
+        """The decoded boolean mask of layer ``name``.
+
+        Args:
+            name: a layer of :attr:`layers`.
+
+        Returns:
+            The bool mask, shaped as the layer.
+
+        Raises:
+            ArtifactError: the payload does not decode to the recorded kept count.
+        """
         layer = self.layers[name]
         return decode_mask(
             layer["encoding"],
@@ -137,7 +156,11 @@ class Artifact:
         )
 
     def stored_state(self) -> dict[str, torch.Tensor]:
-        """The stored tensors besides the masks (BatchNorm statistics, saved modules)."""
+        """The stored tensors besides the masks (BatchNorm statistics, saved modules).
+
+        Returns:
+            ``{name: tensor}``, as ``PopupModel.trained_state`` names them.
+        """
         return {
             key[len(STATE_PREFIX) :]: torch.from_numpy(value.copy())
             for key, value in self.tensors.items()
@@ -262,7 +285,15 @@ def _read(path: Path, folder: Path) -> bytes:
 
 
 def artifact_summary(artifact: Artifact) -> dict[str, Any]:
-    """Sizes of an artifact against the entropy bound and packed bits, per layer and in total."""
+    """Sizes of an artifact against the entropy bound and packed bits, per layer and in total.
+
+    Args:
+        artifact: as read by :func:`read_artifact`.
+
+    Returns:
+        ``{"layers": [per-layer rows], "weights", "mask_bytes", "entropy_bytes",
+        "packed_bytes", "state_bytes", "file_bytes"}``.
+    """
     rows = []
     for name, layer in artifact.layers.items():
         numel = math.prod(layer["shape"])

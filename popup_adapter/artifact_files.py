@@ -30,12 +30,12 @@ from .artifact_schema import (
     is_artifact_file,
     weights_name,
 )
-from .base import library_versions, structure_fingerprint
 from .card import model_card
 from .codec import encode_mask
 from .config import PopupConfig
 from .errors import ArtifactError
 from .storage import commit_files
+from .structure import library_versions, structure_fingerprint
 from .targets import MaskTarget
 
 
@@ -56,7 +56,11 @@ class ArtifactFiles:
         return next(iter(self.meta["files"]))
 
     def contents(self) -> dict[str, bytes]:
-        """Every file by name."""
+        """Every file by name.
+
+        Returns:
+            ``{file name: bytes}`` of the tensor file, the config and the card.
+        """
         return {
             self.weights_name: self.blob,
             CONFIG_NAME: self.config_json,
@@ -66,6 +70,9 @@ class ArtifactFiles:
     def write(self, save_directory: str | os.PathLike) -> Path:
         """Write the artifact into ``save_directory``, all or nothing (see the module
         docstring), replacing the artifact saved there before.
+
+        Args:
+            save_directory: the folder (created if needed).
 
         Returns:
             The folder.

@@ -38,7 +38,14 @@ ARTIFACT_PATTERNS = (CONFIG_NAME, CARD_NAME, "popup_model*.safetensors")
 
 def is_artifact_file(name: str) -> bool:
     """Whether a file name in a folder belongs to the artifact saved there (an earlier save's
-    tensor file is removed by the next save)."""
+    tensor file is removed by the next save).
+
+    Args:
+        name: a file name (no folder).
+
+    Returns:
+        True for ``popup_config.json``, ``README.md`` and a tensor file of any format.
+    """
     return name in (CONFIG_NAME, CARD_NAME) or is_weights_name(name)
 
 
@@ -64,19 +71,41 @@ _CORRUPTED = (
 
 def weights_name(format_version: int, sha256: str) -> str:
     """The tensor file's name in an artifact of ``format_version`` whose bytes hash to
-    ``sha256``."""
+    ``sha256``.
+
+    Args:
+        format_version: the artifact's format.
+        sha256: the tensor file's hash (hex).
+
+    Returns:
+        ``popup_model.safetensors`` (formats 1 and 2), else ``popup_model-<16 hex>.safetensors``.
+    """
     if format_version < 3:
         return LEGACY_WEIGHTS_NAME
     return f"popup_model-{sha256[:16]}.safetensors"
 
 
 def is_weights_name(name: str) -> bool:
-    """Whether ``name`` is a tensor file's name in some format."""
+    """Whether ``name`` is a tensor file's name in some format.
+
+    Args:
+        name: a file name.
+
+    Returns:
+        Whether it is ``popup_model.safetensors`` or ``popup_model-<16 hex>.safetensors``.
+    """
     return _WEIGHTS_FILE.fullmatch(name) is not None
 
 
 def parse_json(data: bytes, where: object) -> Any:
     """``json.loads`` of an untrusted file, bounded in size and nesting.
+
+    Args:
+        data: the file's bytes.
+        where: the file, named in errors.
+
+    Returns:
+        The parsed value.
 
     Raises:
         ArtifactError: too large, not UTF-8 JSON, or nested deeper than :data:`MAX_DEPTH`.
@@ -170,7 +199,7 @@ def validate_meta(meta: Any, where: object) -> PopupConfig:
 
 
 def _is_structure_entry(entry: Any) -> bool:
-    """A module's description as :func:`~popup_adapter.base.describe_structure` writes it."""
+    """A module's description as :func:`~popup_adapter.structure.describe_structure` writes it."""
     if not isinstance(entry, dict):
         return False
     if "alias of" in entry:
@@ -278,6 +307,11 @@ def check_tensors(
 ) -> None:
     """Check the tensor file against its config's layers: one uint8 payload per layer, sized
     as its encoding needs, and nothing but masks and state.
+
+    Args:
+        layers: the config's ``layers``, already validated.
+        tensors: the tensor file's contents.
+        where: the tensor file, named in errors.
 
     Raises:
         ArtifactError: naming the tensor.

@@ -43,7 +43,16 @@ model = PopupModel.from_pretrained("{{ repo_hint }}")  # rebuilds the base, appl
 
 def model_card(meta: dict[str, Any], file_bytes: int) -> str:
     """The card of an artifact whose ``popup_config.json`` is ``meta`` and whose tensor file
-    has ``file_bytes`` bytes: what the base is, k, the seed, the size, how to load it."""
+    has ``file_bytes`` bytes: what the base is, k, the seed, the size, how to load it.
+
+    Args:
+        meta: the artifact's config, as :func:`~popup_adapter.artifact_files.encode_artifact`
+            builds it.
+        file_bytes: the tensor file's size.
+
+    Returns:
+        The card's markdown, with its YAML header.
+    """
     config = meta["config"]
     numel = sum(math.prod(layer["shape"]) for layer in meta["layers"].values())
     base = describe(meta["base"])

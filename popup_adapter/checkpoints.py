@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
+
 _CHECKPOINT_PREFIX = "step_"
 
 
@@ -22,16 +24,31 @@ class TrainingProgress:
         self.history: list[dict[str, float]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        """The position, as Accelerate's checkpoint stores it."""
+        """The position, as Accelerate's checkpoint stores it.
+
+        Returns:
+            ``{"step": ..., "history": <JSON of the per-epoch metrics>}``.
+        """
         return {"step": self.step, "history": json.dumps(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position from a checkpoint."""
+        """Restore the position from a checkpoint.
+
+        Args:
+            state: as :meth:`state_dict` returned it.
+        """
         self.step, self.history = int(state["step"]), json.loads(state["history"])
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``output_dir/checkpoints`` (temporary ones skipped)."""
+    """The newest complete checkpoint under ``output_dir/checkpoints`` (temporary ones skipped).
+
+    Args:
+        output_dir: the run's output folder.
+
+    Returns:
+        The checkpoint folder, or None when there is none.
+    """
     root = Path(output_dir) / "checkpoints"
     done = [
         p
@@ -41,9 +58,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(_CHECKPOINT_PREFIX) :]), default=None)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int) -> None:
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, keep: int) -> None:
     """``save_state`` into a temporary folder, renamed into place when complete; only the
-    newest ``keep`` checkpoints stay."""
+    newest ``keep`` checkpoints stay.
+
+    Args:
+        accelerator: the run's ``Accelerator``.
+        output_dir: the run's output folder.
+        step: the optimizer step the checkpoint is taken at (its folder's name).
+        keep: how many checkpoints to keep.
+    """
     root = Path(output_dir) / "checkpoints"
     final = root / f"{_CHECKPOINT_PREFIX}{step}"
     partial = root / f".{final.name}.partial"

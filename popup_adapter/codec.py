@@ -27,7 +27,15 @@ ENCODINGS = ("packed", "rans", "all")
 
 
 def entropy_bits(numel: int, kept: int) -> float:
-    """``numel * H(kept / numel)``: the information in a mask, the floor of any encoding."""
+    """``numel * H(kept / numel)``: the information in a mask, the floor of any encoding.
+
+    Args:
+        numel: the mask's size.
+        kept: how many entries are True.
+
+    Returns:
+        The bound in bits (0 for an empty or full mask).
+    """
     if kept in (0, numel):
         return 0.0
     p = kept / numel

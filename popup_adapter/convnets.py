@@ -8,6 +8,9 @@ that an artifact trained on one can rebuild it from its spec alone.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from .errors import ConfigError
@@ -27,6 +30,18 @@ class ConvNet(nn.Module):
         num_classes: int = 10,
         image_size: int = 28,
     ) -> None:
+        """Build a ConvNet.
+
+        Args:
+            depth: 2, 4 or 6 convolutions (Conv2/4/6 of the paper).
+            width: a multiplier of every layer's channels.
+            in_chans: input channels.
+            num_classes: outputs.
+            image_size: the input's side (sets the classifier's input size).
+
+        Raises:
+            ConfigError: an unknown depth or a non-positive width.
+        """
         super().__init__()
         if depth not in CONV_STAGES:
             raise ConfigError(f"depth must be one of {sorted(CONV_STAGES)}, got {depth}")
@@ -62,12 +77,19 @@ class ConvNet(nn.Module):
             "image_size": image_size,
         }
 
-    def forward(self, x):
-        """Logits of a batch of ``(in_chans, image_size, image_size)`` images."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of ``(in_chans, image_size, image_size)`` images.
+
+        Args:
+            x: ``(batch, in_chans, image_size, image_size)``.
+
+        Returns:
+            ``(batch, num_classes)`` logits.
+        """
         return self.classifier(self.features(x))
 
 
-def create_conv_net(name: str = "conv4", **kwargs) -> ConvNet:
+def create_conv_net(name: str = "conv4", **kwargs: Any) -> ConvNet:
     """The paper's ConvX by name: ``create_conv_net("conv6", width=0.5)``.
 
     Args:

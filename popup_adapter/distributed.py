@@ -13,14 +13,24 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from torch import nn
 
 from .layers import PopupLayer
 
 
-def check_launch(accelerator) -> None:
-    """Refuse the two silent ways a multi-process launch goes wrong on CPU machines."""
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse the two silent ways a multi-process launch goes wrong on CPU machines.
+
+    Args:
+        accelerator: the run's ``Accelerator``.
+
+    Raises:
+        RuntimeError: the launched processes do not form Accelerate's group (``--multi_gpu`` on
+            CPU without ``ACCELERATE_USE_CPU=1``), or FSDP was asked for where Accelerate cannot
+            give it.
+    """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(
@@ -36,9 +46,16 @@ def check_launch(accelerator) -> None:
         )
 
 
-def check_fsdp_plugin(accelerator) -> None:
+def check_fsdp_plugin(accelerator: Accelerator) -> None:
     """FSDP1 flattens each unit's parameters into one tensor, which must share requires_grad;
-    frozen base weights beside trained scores need ``use_orig_params`` (FSDP2 always has it)."""
+    frozen base weights beside trained scores need ``use_orig_params`` (FSDP2 always has it).
+
+    Args:
+        accelerator: the run's ``Accelerator``.
+
+    Raises:
+        RuntimeError: FSDP1 without ``use_orig_params``.
+    """
     if accelerator.distributed_type != DistributedType.FSDP:
         return
     plugin = accelerator.state.fsdp_plugin
@@ -57,6 +74,12 @@ def check_fsdp_units(model: nn.Module) -> None:
     ``W * M`` before the base layer runs (or without calling it, for the plain layers it
     computes itself), so FSDP's hooks on a base layer wrapped as its own unit would gather that
     weight too late, or never. Whole masked layers, or blocks of them, must be the units.
+
+    Args:
+        model: the model as FSDP wrapped it.
+
+    Raises:
+        RuntimeError: a base layer is a unit of its own.
     """
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -84,6 +107,12 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
     all processes must take part in gathering the shards, so they all enter this context and
     then the main process alone saves. FSDP2 needs nothing here: its parameters are DTensors,
     which :func:`~popup_adapter.sharding.whole_tensor` gathers where they are read.
+
+    Args:
+        model: the prepared model.
+
+    Returns:
+        A context manager.
     """
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -97,8 +126,15 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def mask_digest(model) -> str:
-    """sha256 of a PopupModel's active masks: equal on every process of a healthy DDP run."""
+def mask_digest(model: nn.Module) -> str:
+    """sha256 of a PopupModel's active masks: equal on every process of a healthy DDP run.
+
+    Args:
+        model: a :class:`~popup_adapter.PopupModel`.
+
+    Returns:
+        64 hex digits.
+    """
     digest = hashlib.sha256()
     for name, mask in sorted(model.get_masks().items()):
         digest.update(name.encode())
@@ -106,8 +142,19 @@ def mask_digest(model) -> str:
     return digest.hexdigest()
 
 
-def check_masks_agree(accelerator, model, log: Callable[[str], None]) -> None:
-    """Refuse to save when the processes' masks differ (they did not train in sync)."""
+def check_masks_agree(
+    accelerator: Accelerator, model: nn.Module, log: Callable[[str], None]
+) -> None:
+    """Refuse to save when the processes' masks differ (they did not train in sync).
+
+    Args:
+        accelerator: the run's ``Accelerator``.
+        model: the unwrapped :class:`~popup_adapter.PopupModel`.
+        log: receives the main process's message.
+
+    Raises:
+        RuntimeError: the processes' masks differ.
+    """
     digests = gather_object([mask_digest(model)])
     if len(set(digests)) != 1:
         raise RuntimeError(

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
+from huggingface_hub import (
+    CommitInfo,
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
@@ -92,7 +99,7 @@ def artifact_folder(
 
 
 def open_artifact(
-    path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any
 ) -> Artifact:
     """The artifact in a local folder or a Hub repo, read and checked.
 
@@ -117,11 +124,19 @@ def push_artifact_files(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
-):
+) -> CommitInfo:
     """Upload an artifact's files (see ``PopupModel.artifact_files``) as one commit, creating
     the repo and the branch if needed: what ``push_to_hub`` and a training loop's main process
     (after every process gathered the masks) do. The commit also deletes the repo's earlier
     tensor file, so the revision holds one artifact, whole, before and after.
+
+    Args:
+        files: the encoded artifact.
+        repo_id: the model repo.
+        private: visibility of a newly created repo.
+        revision: the branch (default ``main``).
+        commit_message: default ``"Upload popup_adapter mask (k=...)"``.
+        token: a Hub token (default: the logged-in one).
 
     Returns:
         huggingface_hub's ``CommitInfo``.

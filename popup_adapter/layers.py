@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.modules import module as _torch_module
 
-from .base import is_expert_bank, masked_fan_in, transformers_conv1d, unmaskable_reason
+from .base import masked_fan_in
 from .errors import AdapterError, ArtifactError
 from .kernels import load_kernels, use_kernels
 from .selection import SelectionState, masked_weight, num_kept, topk_mask
@@ -65,6 +65,13 @@ class PopupLayer(nn.Module):
     def __init__(
         self, base_layer: nn.Module, parameter_name: str = "weight", per_expert: bool = False
     ) -> None:
+        """Wrap ``base_layer``, masking its parameter ``parameter_name`` (no adapter yet).
+
+        Args:
+            base_layer: the module that owns the masked tensor (kept as ``base_layer``).
+            parameter_name: which of its parameters is masked.
+            per_expert: one top-k per expert (dim 0) of a fused expert bank.
+        """
         super().__init__()
         self.base_layer = base_layer
         self.parameter_name = parameter_name
@@ -150,7 +157,11 @@ class PopupLayer(nn.Module):
         self.popup_selection[adapter_name] = [SelectionState() for _ in range(self.num_masks)]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name``'s scores from this layer."""
+        """Remove ``adapter_name``'s scores from this layer.
+
+        Args:
+            adapter_name: the adapter to remove.
+        """
         del self.popup_scores[adapter_name]
         del self.popup_kept[adapter_name]
         del self.popup_selection[adapter_name]
@@ -158,7 +169,11 @@ class PopupLayer(nn.Module):
             self.active_adapter = None
 
     def set_adapter(self, adapter_name: str | None) -> None:
-        """Make ``adapter_name`` the active mask; only its scores require grad (as in PEFT)."""
+        """Make ``adapter_name`` the active mask; only its scores require grad (as in PEFT).
+
+        Args:
+            adapter_name: the adapter, or None for the unmasked base (adapters disabled).
+        """
         for name, scores in self.popup_scores.items():
             scores.requires_grad_(name == adapter_name)
         self.active_adapter = adapter_name
@@ -209,6 +224,9 @@ class PopupLayer(nn.Module):
         Nothing is cached: in eval mode too, each forward selects the mask and writes ``W * M``
         in one fused pass, freed after the layer ran, so inference holds no second copy of the
         weights (``merge_and_unload`` gives a model that skips even that pass).
+
+        Returns:
+            A tensor shaped as the base weight (differentiable with respect to the active scores).
         """
         return self._effective_weight(single_use=False)
 
@@ -246,8 +264,16 @@ class PopupLayer(nn.Module):
             and not any(getattr(_torch_module, hooks) for hooks in _GLOBAL_HOOKS)
         )
 
-    def forward(self, *args, **kwargs):
-        """The base layer's computation with the active adapter's ``W * M``."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base layer's computation with the active adapter's ``W * M``.
+
+        Args:
+            *args: the base layer's own inputs.
+            **kwargs: the base layer's own inputs.
+
+        Returns:
+            What the base layer returns.
+        """
         if self.disable_adapters or self.active_adapter is None:
             return self.base_layer(*args, **kwargs)
         if self._computes_itself(args, kwargs):
@@ -261,7 +287,18 @@ class PopupLayer(nn.Module):
         return functional_call(self.base_layer, swapped, args, kwargs, strict=False)
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """What a base layer of one of ``computed_types`` computes, with ``weight`` as its own."""
+        """What a base layer of one of ``computed_types`` computes, with ``weight`` as its own.
+
+        Args:
+            x: the layer's input.
+            weight: the weight to compute with.
+
+        Returns:
+            The layer's output.
+
+        Raises:
+            NotImplementedError: in the generic class, which runs the base layer's own forward.
+        """
         raise NotImplementedError
 
     # -- back to a plain module
@@ -281,117 +318,21 @@ class PopupLayer(nn.Module):
         return inner.merged_base_layer(adapter_name) if isinstance(inner, PopupLayer) else inner
 
     def unloaded_base_layer(self) -> nn.Module:
-        """The owner module as it was, every nested wrapper dropped."""
+        """The owner module as it was, every nested wrapper dropped.
+
+        Returns:
+            The base layer, with the original parameter back.
+        """
         return self.owner
 
     def extra_repr(self) -> str:
-        """The masked parameter, kept counts per adapter and the active one, for ``print``."""
+        """The masked parameter, kept counts per adapter and the active one, for ``print``.
+
+        Returns:
+            One line.
+        """
         per_mask = self.base_weight.numel() // self.num_masks
         kept = ", ".join(f"{a}: {n}/{per_mask}" for a, n in self.popup_kept.items())
         where = "" if self.parameter_name == "weight" else f"parameter={self.parameter_name}, "
         experts = f"experts={self.num_masks}, kept per expert" if self.per_expert else "kept"
         return f"{where}{experts}=({kept}), active={self.active_adapter!r}"
-
-
-class PopupLinear(PopupLayer):
-    """Masked ``nn.Linear`` (and, through the base layer's own forward, any subclass)."""
-
-    computed_types = (nn.Linear,)
-
-    def forward_with_weight(self, x, weight):
-        """``F.linear`` with ``weight``, the base layer's bias."""
-        return F.linear(x, weight, self.base_layer.bias)
-
-
-class PopupConv(PopupLayer):
-    """Masked ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` (any groups, depthwise included, any
-    padding mode) and their subclasses (timm's ``StdConv2d``, ``Conv2dSame``...)."""
-
-    computed_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-    def forward_with_weight(self, x, weight):
-        """The base conv's own ``_conv_forward`` with ``weight``."""
-        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
-
-
-class PopupConv1D(PopupLayer):
-    """Masked transformers ``Conv1D`` (GPT-2): a linear layer whose weight is stored transposed,
-    ``(in_features, out_features)``, so its fan-in is the first dimension."""
-
-    @property
-    def computed_types(self) -> tuple[type, ...]:
-        """transformers' ``Conv1D``, once transformers is loaded."""
-        conv1d = transformers_conv1d()
-        return (conv1d,) if conv1d is not None else ()
-
-    def forward_with_weight(self, x, weight):
-        """``x @ weight + bias``, as transformers' Conv1D computes it."""
-        size_out = (*x.size()[:-1], self.base_layer.nf)
-        out = torch.addmm(self.base_layer.bias, x.view(-1, x.size(-1)), weight)
-        return out.view(size_out)
-
-
-class PopupEmbedding(PopupLayer):
-    """Masked ``nn.Embedding`` (off by default: set ``mask_embeddings=True``)."""
-
-    computed_types = (nn.Embedding,)
-
-    def forward_with_weight(self, x, weight):
-        """``F.embedding`` with ``weight`` and the base layer's options."""
-        base = self.base_layer
-        return F.embedding(
-            x,
-            weight,
-            base.padding_idx,
-            base.max_norm,
-            base.norm_type,
-            base.scale_grad_by_freq,
-            base.sparse,
-        )
-
-
-def popup_layer_class(module: nn.Module) -> type[PopupLayer]:
-    """The wrapper class for ``module``'s ``weight``: the one that computes its kind directly
-    where there is one (its exact class only), else the generic :class:`PopupLayer`."""
-    if isinstance(module, nn.Linear):
-        return PopupLinear
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return PopupConv
-    conv1d = transformers_conv1d()
-    if conv1d is not None and isinstance(module, conv1d):
-        return PopupConv1D
-    if isinstance(module, nn.Embedding):
-        return PopupEmbedding
-    return PopupLayer
-
-
-def create_popup_layer(
-    module: nn.Module, parameter_names: Sequence[str] = ("weight",)
-) -> PopupLayer:
-    """Wrap the named parameters of ``module``, one wrapper each, nested (``weight`` innermost).
-
-    Args:
-        module: the module whose parameters are masked.
-        parameter_names: which of its parameters.
-
-    Returns:
-        The outermost wrapper (a :class:`PopupLinear`/:class:`PopupConv`/... for an exact plain
-        layer's ``weight``, a :class:`PopupLayer` otherwise).
-
-    Raises:
-        TypeError: a parameter cannot be masked, with the reason (see
-            :func:`~popup_adapter.base.unmaskable_reason`).
-    """
-    names = sorted(parameter_names, key=lambda name: name != "weight")
-    for name in names:
-        reason = unmaskable_reason(module, name)
-        if reason is not None:
-            raise TypeError(f"cannot mask {name} of a {type(module).__name__}: {reason}")
-    layer = module
-    for name in names:
-        if name == "weight":
-            layer = popup_layer_class(module)(module)
-        else:
-            per_expert = is_expert_bank(module, module._parameters[name])
-            layer = PopupLayer(layer, name, per_expert=per_expert)
-    return layer

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterBank
-from .base import describe_structure, seed_base
+from .base import seed_base
 from .config import PopupConfig
 from .errors import AlreadyAdaptedError
 from .injection import base_name, inject_wrappers, is_wrapper
@@ -24,6 +24,7 @@ from .pretrained import PretrainedMixin
 from .seeding import fingerprint
 from .sharding import whole_tensor
 from .specs import build_base, describe_base
+from .structure import describe_structure
 from .targets import (
     Coverage,
     MaskTarget,
@@ -40,7 +41,7 @@ def get_popup_model(
     adapter_name: str = "default",
     *,
     base_kwargs: dict[str, Any] | None = None,
-    **overrides,
+    **overrides: Any,
 ) -> PopupModel:
     """Adapt ``model`` for edge-popup: wrap its layers with scores and reset its base from the seed.
 
@@ -96,7 +97,21 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
         for a caller that sets them right away (loading a saved mask); ``targets`` masks exactly
         these tensors instead of resolving ``config``'s selectors (an artifact's own list, so
         that it loads the same under later default rules); ``base_kwargs`` as in
-        :func:`get_popup_model`."""
+        :func:`get_popup_model`.
+
+        Args:
+            model: the plain model, changed in place.
+            config: the first adapter's config.
+            adapter_name: the first adapter's name.
+            draw_scores: False to leave the scores at zero.
+            base_kwargs: timm constructor arguments to record.
+            targets: the tensors to mask, instead of resolving ``config``'s selectors.
+
+        Raises:
+            AlreadyAdaptedError: ``model`` already carries popup layers.
+            TargetModulesError: the selectors match nothing, or something that cannot be masked.
+            BaseMismatchError: ``targets`` names tensors the model lacks.
+        """
         super().__init__()
         if isinstance(model, PopupModel) or any(is_wrapper(m) for m in model.modules()):
             raise AlreadyAdaptedError(
@@ -106,7 +121,7 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
         self.base_model = model
         #: how to rebuild this architecture from an artifact (see popup_adapter.specs)
         self.base_spec = describe_base(model, base_kwargs)
-        #: what computes with the base weights (see popup_adapter.base.describe_structure)
+        #: what computes with the base weights (see popup_adapter.structure.describe_structure)
         self.base_structure = describe_structure(model)
         self.peft_config: dict[str, PopupConfig] = {}
         self.active_adapter = adapter_name
@@ -143,8 +158,16 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, **kwargs):
-        """The wrapped model's forward, with every masked layer using ``W * M``."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, with every masked layer using ``W * M``.
+
+        Args:
+            *args: the wrapped model's own inputs.
+            **kwargs: the wrapped model's own inputs.
+
+        Returns:
+            What the wrapped model returns.
+        """
         return self.base_model(*args, **kwargs)
 
     # -- inspection
@@ -178,6 +201,25 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
         self._check_adapter(adapter_name)
         with torch.no_grad():
             return {name: layer.get_mask(adapter_name) for name, layer in self.popup_layers()}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """The parameter counts PEFT's summary prints.
+
+        Returns:
+            ``(trainable, total)``, shared parameters counted once.
+        """
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's one-line summary of trainable and total parameters, and the share of
+        the model's matrix weights that the masks cover."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f} || "
+            f"masked matrix weights%: {100 * self.coverage.share:.2f}"
+        )
 
     @property
     def base_fingerprint(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -192,6 +193,9 @@ class MultiAdapterMixin:
         """Make ``adapter_name`` the mask the forward pass uses, with its BatchNorm statistics,
         trained norms and ``modules_to_save``; only its scores train.
 
+        Args:
+            adapter_name: an existing adapter.
+
         Raises:
             AdapterError: no such adapter.
         """
@@ -207,6 +211,9 @@ class MultiAdapterMixin:
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove a mask and everything it owns; deleting the active one activates the first
         remaining adapter, with that adapter's statistics and norms.
+
+        Args:
+            adapter_name: an existing adapter.
 
         Raises:
             AdapterError: no such adapter, or it is the only one (``unload()`` gives the plain
@@ -229,8 +236,13 @@ class MultiAdapterMixin:
             self._bank.remove(adapter_name)
 
     @contextlib.contextmanager
-    def disable_adapter(self):
-        """Run the dense random (or pretrained) base, every weight used, inside this block."""
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the dense random (or pretrained) base, every weight used, inside this block.
+
+        Yields:
+            None: the block runs with every layer's full base weight, and the active adapter
+            comes back after it.
+        """
         wrappers = self._wrappers()
         for module in wrappers:
             module.disable_adapters = True
@@ -315,7 +327,11 @@ class MultiAdapterMixin:
 
     def unload_view(self) -> nn.Module:
         """A shallow view of the plain model's module tree, wrappers replaced by what they
-        wrap (parameters shared), for matching targets."""
+        wrap (parameters shared), for matching targets.
+
+        Returns:
+            The view (its modules are the plain model's; do not train it).
+        """
         return unwrapped_view(self.base_model)
 
     def _add_scores(self, adapter_name: str, config: PopupConfig, draw_scores: bool) -> None:
@@ -336,25 +352,6 @@ class MultiAdapterMixin:
                 module.update(adapter_name)
 
     # -- summaries
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """The parameter counts PEFT's summary prints.
-
-        Returns:
-            ``(trainable, total)``, shared parameters counted once.
-        """
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-    def print_trainable_parameters(self) -> None:
-        """Print PEFT's one-line summary of trainable and total parameters, and the share of
-        the model's matrix weights that the masks cover."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f} || "
-            f"masked matrix weights%: {100 * self.coverage.share:.2f}"
-        )
-
     # -- back to a plain model
     def merge_and_unload(self) -> nn.Module:
         """The plain model with the active mask baked in (``W * M``), giving identical outputs.

@@ -13,20 +13,21 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
+from huggingface_hub import CommitInfo
 from torch import nn
 
 from .artifact import Artifact
 from .artifact_files import ArtifactContents, ArtifactFiles, encode_artifact
 from .artifact_schema import CONFIG_NAME
-from .base import describe_structure
 from .errors import AdapterError, ArtifactError, BaseMismatchError
 from .hub import open_artifact, push_artifact_files
 from .sharding import whole_tensor
 from .specs import build_base, describe
+from .structure import describe_structure
 from .targets import check_stored_targets
 
 if TYPE_CHECKING:
@@ -126,7 +127,9 @@ class PretrainedMixin:
         """An adapter's artifact encoded in memory, to write or push.
 
         Args:
-            adapter_name, dataset, metrics: as in :meth:`save_pretrained`.
+            adapter_name: as in :meth:`save_pretrained`.
+            dataset: as in :meth:`save_pretrained`.
+            metrics: as in :meth:`save_pretrained`.
 
         Returns:
             The :class:`~popup_adapter.artifact_files.ArtifactFiles`.
@@ -171,7 +174,7 @@ class PretrainedMixin:
         adapter_name: str | None = None,
         dataset: str | None = None,
         metrics: dict[str, float] | None = None,
-    ):
+    ) -> CommitInfo:
         """Publish a mask to the Hugging Face Hub as one commit.
 
         Args:
@@ -180,7 +183,9 @@ class PretrainedMixin:
             revision: the branch (default ``main``).
             commit_message: default ``"Upload popup_adapter mask (k=...)"``.
             token: a Hub token (default: the logged-in one).
-            adapter_name, dataset, metrics: as in :meth:`save_pretrained`.
+            adapter_name: as in :meth:`save_pretrained`.
+            dataset: as in :meth:`save_pretrained`.
+            metrics: as in :meth:`save_pretrained`.
 
         Returns:
             huggingface_hub's ``CommitInfo``.
@@ -198,7 +203,7 @@ class PretrainedMixin:
         is_trainable: bool = False,
         base_model_name_or_path: str | os.PathLike | None = None,
         check_structure: bool = True,
-        **hub_kwargs,
+        **hub_kwargs: Any,
     ) -> PopupModel:
         """Load a mask from a folder or a Hub repo onto its base.
 
@@ -256,7 +261,7 @@ class PretrainedMixin:
         adapter_name: str,
         revision: str | None = None,
         is_trainable: bool = False,
-        **hub_kwargs,
+        **hub_kwargs: Any,
     ) -> None:
         """Load a further mask over this backbone as ``adapter_name`` (not made active).
 

@@ -19,7 +19,14 @@ from torch.utils.data import Dataset, Sampler
 
 
 def derived_seed(*parts: int) -> int:
-    """A seed from integers, the same in every process (unlike ``hash`` of a tuple of str)."""
+    """A seed from integers, the same in every process (unlike ``hash`` of a tuple of str).
+
+    Args:
+        *parts: non-negative integers (a base seed, an epoch, an index...).
+
+    Returns:
+        A seed below ``2**61 - 1``.
+    """
     value = 0
     for part in parts:
         value = (value * 1_000_003 + part) % (2**61 - 1)
@@ -38,6 +45,9 @@ def seeded_rngs(seed: int, device: torch.device | None = None) -> Iterator[None]
     Args:
         seed: any non-negative integer (see :func:`derived_seed`).
         device: also fork this CUDA device's generator (CPU's always is).
+
+    Yields:
+        None: the block draws from the seeded generators.
     """
     devices = [device] if device is not None and device.type == "cuda" else []
     python_state, numpy_state = random.getstate(), np.random.get_state()
@@ -57,10 +67,20 @@ class SeededDataset(Dataset):
     ``(seed, e, i)``: random augmentations then repeat exactly, in any worker, after a resume."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
+        """Wrap ``dataset`` so that sample ``i`` of epoch ``e`` draws from ``(seed, e, i)``.
+
+        Args:
+            dataset: a map-style dataset.
+            seed: the run's seed.
+        """
         self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose augmentations the next samples get."""
+        """Choose the epoch whose augmentations the next samples get.
+
+        Args:
+            epoch: the epoch (0-based).
+        """
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -75,10 +95,20 @@ class EpochShuffleSampler(Sampler[int]):
     """A random permutation per epoch, from ``(seed, epoch)`` alone."""
 
     def __init__(self, length: int, seed: int) -> None:
+        """A sampler of ``range(length)``, reshuffled per epoch from ``(seed, epoch)``.
+
+        Args:
+            length: the dataset's length.
+            seed: the run's seed.
+        """
         self.length, self.seed, self.epoch = length, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose permutation the next iteration yields."""
+        """Choose the epoch whose permutation the next iteration yields.
+
+        Args:
+            epoch: the epoch (0-based).
+        """
         self.epoch = epoch
 
     def __len__(self) -> int:

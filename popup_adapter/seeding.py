@@ -57,17 +57,37 @@ def _identity(values: np.ndarray) -> np.ndarray:
 
 
 def random_signs(seed: int, name: str, numel: int) -> np.ndarray:
-    """``numel`` values in {-1.0, +1.0} (float32), one bit of the stream each."""
+    """``numel`` values in {-1.0, +1.0} (float32), one bit of the stream each.
+
+    Args:
+        seed: the base's seed.
+        name: the tensor's name (its stream).
+        numel: how many values.
+
+    Returns:
+        A float32 array.
+    """
     words = _words(_stream(seed, name), (numel + 63) // 64)
     bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:numel]
     return bits.astype(np.float32) * 2.0 - 1.0
 
 
 def random_uniform(
-    seed: int, name: str, numel: int, transform: Transform = _identity, dtype=np.float64
+    seed: int, name: str, numel: int, transform: Transform = _identity, dtype: type = np.float64
 ) -> np.ndarray:
     """``numel`` values uniform in [0, 1), 53 bits of the stream each, mapped by ``transform``
-    (elementwise, in float64) and stored as ``dtype``, block by block."""
+    (elementwise, in float64) and stored as ``dtype``, block by block.
+
+    Args:
+        seed: the base's seed.
+        name: the tensor's name (its stream).
+        numel: how many values.
+        transform: applied to each block of uniforms.
+        dtype: of the result.
+
+    Returns:
+        A flat array.
+    """
     stream, out = _stream(seed, name), np.empty(numel, dtype)
     for start in range(0, numel, _BLOCK):
         count = min(_BLOCK, numel - start)
@@ -107,11 +127,22 @@ def _sin_cos_turns(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def random_normal(
-    seed: int, name: str, numel: int, transform: Transform = _identity, dtype=np.float64
+    seed: int, name: str, numel: int, transform: Transform = _identity, dtype: type = np.float64
 ) -> np.ndarray:
     """``numel`` standard normal values (Box-Muller over the stream: the cosines of all pairs,
     then their sines), mapped by ``transform`` (elementwise, in float64) and stored as
-    ``dtype``, block by block."""
+    ``dtype``, block by block.
+
+    Args:
+        seed: the base's seed.
+        name: the tensor's name (its stream).
+        numel: how many values.
+        transform: applied to each block of normals.
+        dtype: of the result.
+
+    Returns:
+        A flat array.
+    """
     pairs = (numel + 1) // 2
     stream, out = _stream(seed, name), np.empty(2 * pairs, dtype)
     for start in range(0, pairs, _BLOCK):
@@ -156,7 +187,17 @@ def init_values(init: str, seed: int, name: str, shape: torch.Size, fan_in: floa
 
 
 def normal_values(seed: int, name: str, shape: torch.Size, std: float) -> torch.Tensor:
-    """A float32 tensor of ``shape`` from N(0, std^2), for embeddings, positions, tokens."""
+    """A float32 tensor of ``shape`` from N(0, std^2), for embeddings, positions, tokens.
+
+    Args:
+        seed: the base's seed.
+        name: the tensor's name (its stream).
+        shape: the tensor's shape.
+        std: the standard deviation.
+
+    Returns:
+        The tensor.
+    """
     values = random_normal(seed, name, math.prod(shape), lambda v: v * std, np.float32)
     return torch.from_numpy(values).reshape(shape)
 

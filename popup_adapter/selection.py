@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.function import FunctionCtx
 
 from . import kernels
 
@@ -53,19 +54,37 @@ class SelectionState:
     band: float = 0.0
 
     def predicted_interval(self) -> tuple[float, float]:
-        """Where this step's threshold is expected: last threshold plus last move, +- band."""
+        """Where this step's threshold is expected: last threshold plus last move, +- band.
+
+        Returns:
+            ``(low, high)``.
+        """
         center = self.threshold + self.drift
         return max(0.0, center - self.band), center + self.band
 
     @staticmethod
     def next_interval(low: float, high: float, threshold_above: bool) -> tuple[float, float]:
-        """After a miss: the interval next to ``[low, high]`` on the threshold's side, 4x wider."""
+        """After a miss: the interval next to ``[low, high]`` on the threshold's side, 4x wider.
+
+        Args:
+            low: the interval that missed, its lower end.
+            high: its upper end.
+            threshold_above: whether the threshold lies above it.
+
+        Returns:
+            The next ``(low, high)``.
+        """
         width = 4 * (high - low) + 1e-12
         return (high, high + width) if threshold_above else (max(0.0, low - width), low)
 
     def record(self, threshold: float, first_try: bool) -> None:
         """Remember this step's threshold. The band narrows after a first-try hit and widens
-        after a miss, and stays at least twice the prediction's error."""
+        after a miss, and stays at least twice the prediction's error.
+
+        Args:
+            threshold: this step's exact threshold.
+            first_try: whether the predicted interval held it.
+        """
         if self.threshold is None:
             error, self.drift = 0.0, 0.0
         else:
@@ -179,21 +198,40 @@ class StraightThroughMask(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: FunctionCtx,
         weight: torch.Tensor,
         scores: torch.Tensor,
         kept: int,
         state: SelectionState | None = None,
     ) -> torch.Tensor:
-        """``weight * mask``, the mask the top ``kept`` of ``|scores|``."""
+        """``weight * mask``, the mask the top ``kept`` of ``|scores|``.
+
+        Args:
+            ctx: autograd's context.
+            weight: the frozen base weight.
+            scores: the scores.
+            kept: how many weights to keep.
+            state: the layer's threshold prediction, or None.
+
+        Returns:
+            ``weight * mask``.
+        """
         mask = topk_mask(scores, kept, state)
         # the mask is only needed for a weight gradient (weights are frozen in edge-popup)
         ctx.save_for_backward(weight, scores, mask if weight.requires_grad else None)
         return weight * mask
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        """Straight-through: every score gets ``grad * W * sign(S)``."""
+    def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Straight-through: every score gets ``grad * W * sign(S)``.
+
+        Args:
+            ctx: autograd's context.
+            grad_output: the gradient with respect to ``weight * mask``.
+
+        Returns:
+            ``(grad for the weight where it requires one, grad for the scores, None, None)``.
+        """
         weight, scores, mask = ctx.saved_tensors
         grad_weight = grad_output * mask if ctx.needs_input_grad[0] else None
         grad_scores = None
@@ -209,15 +247,27 @@ class FusedStraightThroughMask(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: FunctionCtx,
         weight: torch.Tensor,
         scores: torch.Tensor,
         kept: int,
         state: SelectionState,
         single_use: bool = False,
-    ):
+    ) -> torch.Tensor:
         """``weight * mask``: tries the band around the last threshold, else the exact
-        threshold from ``kthvalue`` (first step, or the threshold moved out of the band)."""
+        threshold from ``kthvalue`` (first step, or the threshold moved out of the band).
+
+        Args:
+            ctx: autograd's context.
+            weight: the frozen base weight.
+            scores: the scores.
+            kept: how many weights to keep.
+            state: the layer's threshold prediction.
+            single_use: the output feeds one consumer only (its gradient may be reused in place).
+
+        Returns:
+            ``weight * mask``.
+        """
         forward_kernel = torch.ops.popup_adapter.masked_weight_forward
         weight, scores_c = weight.contiguous(), scores.detach().contiguous()
 
@@ -241,9 +291,17 @@ class FusedStraightThroughMask(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """``grad * W * sign(S)`` in one pass; in place in the incoming gradient when nothing
-        else can see that buffer (``single_use``, or a contiguous copy made here)."""
+        else can see that buffer (``single_use``, or a contiguous copy made here).
+
+        Args:
+            ctx: autograd's context.
+            grad_output: the gradient with respect to ``weight * mask``.
+
+        Returns:
+            ``(None, grad for the scores, None, None, None)``.
+        """
         weight, scores = ctx.saved_tensors
         grad = grad_output.contiguous()
         if (ctx.single_use or grad is not grad_output) and not grad.requires_grad:

@@ -117,7 +117,14 @@ def describe_base(model: nn.Module, base_kwargs: dict[str, Any] | None = None) -
 
 
 def describe(spec: dict[str, Any]) -> str:
-    """One line naming the base, for messages and model cards."""
+    """One line naming the base, for messages and model cards.
+
+    Args:
+        spec: a base spec.
+
+    Returns:
+        e.g. ``"timm resnet50"`` or ``"transformers BertModel (bert)"``.
+    """
     library = spec.get("library")
     if library == "timm":
         return f"timm {spec['architecture']}"

@@ -59,7 +59,14 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder``'s save lock (exclusive, blocking) for the duration of the block."""
+    """Hold ``folder``'s save lock (exclusive, blocking) for the duration of the block.
+
+    Args:
+        folder: the folder (created if needed).
+
+    Returns:
+        A context manager.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -23,6 +23,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .base import is_expert_bank, is_inside, is_norm_module, is_weight_layer, unmaskable_reason
@@ -55,7 +56,15 @@ class MaskTarget:
 
 def module_matches(name: str, selector: str | list[str] | None) -> bool:
     """PEFT's matching rule: a regex must match the full name; a list entry must equal the name
-    or be its dotted suffix."""
+    or be its dotted suffix.
+
+    Args:
+        name: a module name.
+        selector: a regex, a list of names, or None (matches nothing).
+
+    Returns:
+        Whether ``name`` is selected.
+    """
     if selector is None:
         return False
     if isinstance(selector, str):
@@ -65,15 +74,31 @@ def module_matches(name: str, selector: str | list[str] | None) -> bool:
 
 def is_embedding_module(module: nn.Module) -> bool:
     """``nn.Embedding`` and modules named like one (position embeddings of every kind:
-    ``PosEmbedRel``, ``LearnedPositionalEmbedding``...)."""
+    ``PosEmbedRel``, ``LearnedPositionalEmbedding``...).
+
+    Args:
+        module: any module.
+
+    Returns:
+        Whether it is an embedding.
+    """
     return isinstance(module, nn.Embedding) or "Embed" in type(module).__name__
 
 
-def is_matrix_weight(module: nn.Module, leaf: str, tensor) -> bool:
+def is_matrix_weight(module: nn.Module, leaf: str, tensor: torch.Tensor | None) -> bool:
     """A parameter that multiplies something: a layer's weight, or a tensor with two or more
     dimensions longer than 1 (not a per-channel gain shaped ``(C, 1, 1, 1)``), not in a norm,
     not an embedding table, not named as a position table, token, embedding or bias, and not
-    constant (a layer-scale or gate that its constructor set to one value)."""
+    constant (a layer-scale or gate that its constructor set to one value).
+
+    Args:
+        module: the module that owns the parameter.
+        leaf: the parameter's name in it.
+        tensor: the parameter (None counts as no).
+
+    Returns:
+        Whether it is a matrix weight.
+    """
     if tensor is None:
         return False
     if is_weight_layer(module) and leaf == "weight":
@@ -89,7 +114,16 @@ def is_matrix_weight(module: nn.Module, leaf: str, tensor) -> bool:
 
 def maskable_parameters(module: nn.Module, named: bool, mask_embeddings: bool) -> list[str]:
     """The parameters of ``module`` itself that are masked: all its matrix parameters when the
-    user ``named`` it, else those the default rules pick (see the module docstring)."""
+    user ``named`` it, else those the default rules pick (see the module docstring).
+
+    Args:
+        module: the module.
+        named: whether the user's ``target_modules`` named it.
+        mask_embeddings: whether ``nn.Embedding`` is masked by default.
+
+    Returns:
+        The parameter names, in the module's order.
+    """
     if is_weight_layer(module) or (isinstance(module, nn.Embedding) and (named or mask_embeddings)):
         return ["weight"]
     if is_norm_module(module) or is_embedding_module(module):
@@ -111,7 +145,14 @@ def maskable_parameters(module: nn.Module, named: bool, mask_embeddings: bool) -
 
 def module_aliases(model: nn.Module) -> dict[str, list[str]]:
     """``{name: every name of that module}``, keyed by each module's first name (the one
-    ``named_modules()`` gives), for modules reachable under several names."""
+    ``named_modules()`` gives), for modules reachable under several names.
+
+    Args:
+        model: any module tree.
+
+    Returns:
+        ``{first name: [every name]}``.
+    """
     first: dict[int, str] = {}
     aliases: dict[str, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -193,7 +234,17 @@ def check_stored_targets(
     model: nn.Module, targets: list[MaskTarget], modules_to_save: list[str], where: object
 ) -> None:
     """Refuse a model that lacks (or cannot mask) a tensor an artifact masks, or a module it
-    saves."""
+    saves.
+
+    Args:
+        model: the plain model (on any device, the meta device included).
+        targets: the tensors the artifact masks.
+        modules_to_save: the modules it saves.
+        where: the artifact, named in the error.
+
+    Raises:
+        BaseMismatchError: naming up to five missing modules or tensors.
+    """
     names = {name for name, _ in model.named_modules(remove_duplicate=False) if name}
     missing = [root for root in modules_to_save if root not in names]
     for target in targets:
@@ -232,7 +283,16 @@ def matrix_coverage(
     model: nn.Module, targets: list[MaskTarget], trained_roots: list[str]
 ) -> Coverage:
     """Count the matrix weights of the plain ``model`` (each tensor once, tied ones too):
-    masked, trained densely (under ``trained_roots``, e.g. ``modules_to_save``), or neither."""
+    masked, trained densely (under ``trained_roots``, e.g. ``modules_to_save``), or neither.
+
+    Args:
+        model: the plain model.
+        targets: the masked tensors.
+        trained_roots: modules trained densely.
+
+    Returns:
+        The :class:`Coverage`.
+    """
     masked_paths = {target.parameter_path for target in targets}
     seen: set[int] = set()
     masked = trained = total = 0
@@ -255,7 +315,11 @@ def matrix_coverage(
 
 def warn_unmasked(coverage: Coverage) -> None:
     """Warn that matrix weights stay at their base values (for the default targets, where the
-    user did not choose that)."""
+    user did not choose that).
+
+    Args:
+        coverage: as :func:`matrix_coverage` counted it.
+    """
     if not coverage.unmasked:
         return
     numel = sum(n for _, n in coverage.unmasked)

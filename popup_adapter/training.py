@@ -10,9 +10,10 @@ them in order):
   with momentum or AdamW, linear warm-up then cosine, weight decay on the scores, label
   smoothing, the learning rate scaled linearly with the global batch);
 - **the loop** (:func:`run_loop`): steps, evaluation every epoch (top-1/top-5 gathered across
-  processes), atomic checkpoints (:mod:`popup_adapter.checkpoints`), a progress bar on the main
-  process, metrics through Accelerate's trackers (TensorBoard when installed); the loss is read
-  back from the device only every ``log_every`` steps;
+  processes, :mod:`popup_adapter.evaluation`), atomic checkpoints
+  (:mod:`popup_adapter.checkpoints`), a progress bar on the main process, metrics through
+  Accelerate's trackers (TensorBoard when installed); the loss is read back from the device
+  only every ``log_every`` steps;
 - **the save hook** (:func:`save_result`): ``save_pretrained`` of the mask (and a Hub push from
   the main process), or the dense weights of a model that is not a PopupModel.
 """
@@ -42,6 +43,7 @@ from .distributed import (
     check_masks_agree,
     full_parameters,
 )
+from .evaluation import default_forward, evaluate
 from .hub import push_artifact_files
 from .model import PopupModel
 from .sampling import EpochShuffleSampler, SeededDataset, derived_seed, seeded_rngs
@@ -61,17 +63,6 @@ __all__ = [
 ]
 
 
-def default_forward(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, labels)`` of a batch: ``(inputs, labels)`` pairs, or a dict with ``labels``
-    (transformers style, the rest passed as keyword arguments)."""
-    if isinstance(batch, dict):
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        output = model(**inputs)
-        return getattr(output, "logits", output), batch["labels"]
-    inputs, labels = batch
-    return model(inputs), labels
-
-
 def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -80,43 +71,6 @@ def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, logits.shape[-1])
-    return (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1)
-
-
-def evaluate(
-    accelerator, model: nn.Module, loader: DataLoader, forward: Callable = default_forward
-) -> dict[str, float]:
-    """Top-1 and top-5 accuracy and mean loss over ``loader``, gathered across processes.
-
-    Args:
-        accelerator: the run's Accelerator.
-        model: the (prepared) model; put back in training mode after.
-        loader: the (prepared) eval loader.
-        forward: ``forward(model, batch) -> (logits, labels)``.
-
-    Returns:
-        ``{"top1", "top5", "eval_loss"}``.
-    """
-    model.eval()
-    top1, top5, losses = [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            logits, labels = forward(model, batch)
-            loss = F.cross_entropy(logits.float(), labels, reduction="none")
-            logits, labels, loss = accelerator.gather_for_metrics((logits, labels, loss))
-            top1.append(_topk_correct(logits, labels, 1))
-            top5.append(_topk_correct(logits, labels, 5))
-            losses.append(loss)
-    model.train()
-    return {
-        "top1": torch.cat(top1).float().mean().item(),
-        "top5": torch.cat(top5).float().mean().item(),
-        "eval_loss": torch.cat(losses).mean().item(),
-    }
 
 
 @dataclass
@@ -188,7 +142,12 @@ def prepare_run(
     schedule, then ``accelerator.prepare`` and, with ``args.resume``, the last checkpoint.
 
     Args:
-        model, train_dataset, eval_dataset, args, collate_fn, log: as in :func:`train`.
+        model: as in :func:`train`.
+        train_dataset: as in :func:`train`.
+        eval_dataset: as in :func:`train`.
+        args: as in :func:`train`.
+        collate_fn: as in :func:`train`.
+        log: as in :func:`train`.
 
     Returns:
         The :class:`Run`, its progress restored from the checkpoint when resuming.
@@ -326,8 +285,15 @@ def run_loop(run: Run, args: TrainingArguments, forward: Callable = default_forw
 
 def save_result(run: Run, args: TrainingArguments, metrics: dict[str, float]) -> None:
     """The save hook: a PopupModel's mask artifact to ``args.output_dir`` (pushed to
-    ``args.push_to_hub`` when set) once every process has the same masks; any other model's
-    dense weights. Every process takes part (FSDP gathers), the main one writes."""
+    ``args.push_to_hub`` when set) once every process has the same masks; a transformers or
+    PEFT model through its own ``save_pretrained`` (a PEFT adapter folder); any other model's
+    dense weights. Every process takes part (FSDP gathers), the main one writes.
+
+    Args:
+        run: the prepared run.
+        args: the run's arguments (``output_dir``, ``push_to_hub``, ``dataset_name``).
+        metrics: the final evaluation, recorded in the artifact.
+    """
     accelerator = run.accelerator
     unwrapped = accelerator.unwrap_model(run.model)
     with full_parameters(run.model):
@@ -340,7 +306,10 @@ def save_result(run: Run, args: TrainingArguments, metrics: dict[str, float]) ->
                     push_artifact_files(files, args.push_to_hub)
         else:
             state = accelerator.get_state_dict(run.model)
-            if accelerator.is_main_process:
+            if accelerator.is_main_process and hasattr(unwrapped, "save_pretrained"):
+                # transformers and PEFT models: their own format (a PEFT adapter folder)
+                unwrapped.save_pretrained(args.output_dir, state_dict=state)
+            elif accelerator.is_main_process:
                 save_torch_state_dict(state, args.output_dir)
         run.log(f"saved to {args.output_dir}")
         accelerator.wait_for_everyone()
@@ -358,8 +327,9 @@ def train(
     """Train ``model``'s trainable parameters (a PopupModel's scores, or a dense model) and save.
 
     Args:
-        model: a :class:`~popup_adapter.PopupModel` (saved as a mask artifact) or any module
-            (saved as ``model.safetensors``).
+        model: a :class:`~popup_adapter.PopupModel` (saved as a mask artifact), a model with
+            ``save_pretrained`` (transformers, PEFT: saved with it) or any module (saved as
+            ``model.safetensors``).
         train_dataset: map-style; sample ``i`` of epoch ``e`` is drawn under RNGs seeded from
             ``(args.seed, e, i)``.
         eval_dataset: evaluated at every epoch's end (None: never).

@@ -46,7 +46,15 @@ class TrainingArguments:
     @classmethod
     def from_args(cls, args: argparse.Namespace, **fields: Any) -> TrainingArguments:
         """From a recipe's parsed command line (see :func:`add_training_arguments`): every
-        attribute named like a field, then ``fields`` on top."""
+        attribute named like a field, then ``fields`` on top.
+
+        Args:
+            args: the parsed command line.
+            **fields: fields set on top.
+
+        Returns:
+            The arguments.
+        """
         known = {field.name for field in dataclasses.fields(cls)}
         values = {key: value for key, value in vars(args).items() if key in known}
         return cls(**{**values, **fields})
@@ -62,7 +70,12 @@ class TrainingArguments:
 
 def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     """Add the command-line flags every recipe shares, with the recipe's own ``defaults``
-    (keyword names are the fields of :class:`TrainingArguments`)."""
+    (keyword names are the fields of :class:`TrainingArguments`).
+
+    Args:
+        parser: the recipe's parser.
+        **defaults: the recipe's defaults, by field name.
+    """
     base = {**asdict(TrainingArguments()), **defaults}
     parser.add_argument("--epochs", type=int, default=base["epochs"])
     parser.add_argument("--batch-size", type=int, default=base["batch_size"], help="per process")

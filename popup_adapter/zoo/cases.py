@@ -23,7 +23,14 @@ class NotRun(Exception):
 
 
 def first_line(error: BaseException | None) -> str:
-    """``"Type: message"`` of ``error``, its first line, at most 300 characters."""
+    """``"Type: message"`` of ``error``, its first line, at most 300 characters.
+
+    Args:
+        error: an exception, or None.
+
+    Returns:
+        The line ("" for None).
+    """
     text = f"{type(error).__name__}: {error}" if error is not None else ""
     return text.strip().splitlines()[0][:300] if text.strip() else ""
 
@@ -31,7 +38,14 @@ def first_line(error: BaseException | None) -> str:
 def timm_families(cache: Path | None = None) -> dict[str, str]:
     """``{timm family (its module): smallest variant by parameter count}``, variants counted on
     the meta device (no memory, no weights); ``test_*`` models are left out. Cached in
-    ``cache`` (JSON) when given, keyed by timm's version."""
+    ``cache`` (JSON) when given, keyed by timm's version.
+
+    Args:
+        cache: a JSON file to read and write the result (None: always count).
+
+    Returns:
+        ``{family: model name}``.
+    """
     import timm
 
     if cache is not None and cache.is_file():
@@ -70,7 +84,16 @@ class Case:
 
 
 def timm_case(family: str, name: str) -> Case:
-    """The timm model ``name``, fed the smallest square input its plain version accepts."""
+    """The timm model ``name``, fed the smallest square input its plain version accepts.
+
+    Args:
+        family: the timm module the model belongs to (the row's family).
+        name: the model.
+
+    Returns:
+        The :class:`Case`; its ``inputs`` raise :class:`NotRun` when the plain model accepts no
+        tried size.
+    """
     import timm
 
     def build():
@@ -96,7 +119,15 @@ def timm_case(family: str, name: str) -> Case:
 
 
 def transformers_case(name: str) -> Case:
-    """The transformers architecture ``name`` of :data:`TRANSFORMERS`, from its tiny config."""
+    """The transformers architecture ``name`` of :data:`TRANSFORMERS`, from its tiny config.
+
+    Args:
+        name: a key of :data:`TRANSFORMERS`.
+
+    Returns:
+        The :class:`Case`; its ``inputs`` raise :class:`NotRun` when the plain model does not
+        run on them.
+    """
     import transformers
 
     model_class, config_class, kwargs, kind = TRANSFORMERS[name]
@@ -118,6 +149,13 @@ def transformers_case(name: str) -> Case:
 
 
 def case_by_id(case_id: str) -> Case:
-    """``timm:<family>:<model>`` or ``transformers:<name>``."""
+    """``timm:<family>:<model>`` or ``transformers:<name>``.
+
+    Args:
+        case_id: the case's id.
+
+    Returns:
+        The :class:`Case`.
+    """
     library, name, *model = case_id.split(":")
     return timm_case(name, model[0]) if library == "timm" else transformers_case(name)

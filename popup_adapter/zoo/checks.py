@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .. import PopupError, PopupModel, get_popup_model
-from ..base import structure_fingerprint
+from ..structure import structure_fingerprint
 from .cases import Case, NotRun, first_line
 
 _K = 0.5
@@ -38,9 +39,16 @@ class Row:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def output_tensor(output) -> torch.Tensor:
+def output_tensor(output: Any) -> torch.Tensor:
     """The main tensor of a model's output: itself, ``logits``, or the first tensor of a
-    ``ModelOutput``."""
+    ``ModelOutput``.
+
+    Args:
+        output: what a model returned.
+
+    Returns:
+        The tensor.
+    """
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -50,9 +58,17 @@ def output_tensor(output) -> torch.Tensor:
     return next(v for v in values if isinstance(v, torch.Tensor))
 
 
-def forward_output(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def forward_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The main output tensor of ``model`` on ``inputs`` (``{"x": tensor}`` for a timm model,
-    keyword arguments for a transformers one)."""
+    keyword arguments for a transformers one).
+
+    Args:
+        model: the model.
+        inputs: its inputs, by name.
+
+    Returns:
+        The output tensor.
+    """
     if set(inputs) == {"x"}:
         return output_tensor(model(inputs["x"]))
     return output_tensor(model(**inputs))
@@ -151,6 +167,10 @@ def _save_and_merge(model, inputs, folder: Path, row: Row, notes: list[str]) -> 
 def check_model(case: Case, folder: Path) -> Row:
     """Adapt, train one step, count, merge, and save into ``folder`` for :func:`check_reload`.
 
+    Args:
+        case: the model to check.
+        folder: where its artifact and the input/output pair are saved.
+
     Returns:
         The row: "reload pending" when every in-process check passed, else "refused", "not
         run" or "FAIL" with the reason (and a traceback in ``details`` for a failure).
@@ -182,7 +202,14 @@ def check_model(case: Case, folder: Path) -> Row:
 
 def reload_artifacts(folders: list[Path]) -> dict[str, str]:
     """In this process: load each saved artifact without ``model=`` and compare its output on
-    the saved input; ``{folder: "ok" or what went wrong}``."""
+    the saved input; ``{folder: "ok" or what went wrong}``.
+
+    Args:
+        folders: artifact folders written by :func:`check_model`.
+
+    Returns:
+        ``{folder: "ok" or the reason}``.
+    """
     results = {}
     for folder in folders:
         try:
@@ -201,7 +228,15 @@ def reload_artifacts(folders: list[Path]) -> dict[str, str]:
 
 
 def check_reload(folders: list[Path], timeout: float = 1800) -> dict[str, str]:
-    """:func:`reload_artifacts` in a fresh Python process (nothing cached from the save)."""
+    """:func:`reload_artifacts` in a fresh Python process (nothing cached from the save).
+
+    Args:
+        folders: artifact folders written by :func:`check_model`.
+        timeout: seconds the fresh process may take.
+
+    Returns:
+        As :func:`reload_artifacts`; every folder gets the process's error if it died.
+    """
     if not folders:
         return {}
     command = [sys.executable, "-m", "popup_adapter.zoo", "--reload", *map(str, folders)]
@@ -214,7 +249,15 @@ def check_reload(folders: list[Path], timeout: float = 1800) -> dict[str, str]:
 
 
 def finish(row: Row, reload_result: str | None) -> Row:
-    """Fold the fresh-process reload into a row that passed the in-process checks."""
+    """Fold the fresh-process reload into a row that passed the in-process checks.
+
+    Args:
+        row: a row from :func:`check_model`.
+        reload_result: its folder's result from :func:`check_reload` (None: not reloaded).
+
+    Returns:
+        The final row.
+    """
     if row.result != "reload pending":
         return row
     if reload_result == "ok":

@@ -13,7 +13,13 @@ from .checks import Row
 
 
 def write_table(rows: list[Row], path: Path, command: str) -> None:
-    """The docs page: what ran, how many passed, and a row per model."""
+    """The docs page: what ran, how many passed, and a row per model.
+
+    Args:
+        rows: every model's row.
+        path: the markdown file to write.
+        command: the command that produced the rows (printed on the page).
+    """
 
     passed = sum(row.result == "pass" for row in rows)
     by_library = {lib: [r for r in rows if r.library == lib] for lib in ("timm", "transformers")}

@@ -254,7 +254,18 @@ TRANSFORMERS: dict[str, tuple[str, str, dict[str, Any], str]] = {
 
 
 def transformers_inputs(kind: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A batch of two for a model of input ``kind``, drawn from ``generator``."""
+    """A batch of two for a model of input ``kind``, drawn from ``generator``.
+
+    Args:
+        kind: ``"text"``, ``"seq2seq"``, ``"image"``... (see :data:`TRANSFORMERS`).
+        generator: the random source.
+
+    Returns:
+        The keyword inputs.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
 
     def ids(length: int) -> torch.Tensor:
         return torch.randint(3, 99, (2, length), generator=generator)
