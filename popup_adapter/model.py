@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import AdapterBank
 from .base import seed_base
 from .config import PopupConfig
-from .errors import AlreadyAdaptedError
+from .errors import AdapterError, AlreadyAdaptedError
 from .injection import base_name, inject_wrappers, is_wrapper
 from .layers import PopupLayer
 from .multi_adapter import MultiAdapterMixin
@@ -66,6 +66,8 @@ def get_popup_model(
         TargetModulesError: ``target_modules`` / ``exclude_modules`` match nothing or a
             module that cannot be masked.
         AlreadyAdaptedError: ``model`` already carries popup layers.
+        AdapterError: ``model`` carries PEFT adapters (merge them first, or add them on top
+            of the merged mask).
     """
     if config is None:
         config = PopupConfig(**overrides)
@@ -109,6 +111,7 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
 
         Raises:
             AlreadyAdaptedError: ``model`` already carries popup layers.
+            AdapterError: ``model`` carries PEFT adapters (merge them first).
             TargetModulesError: the selectors match nothing, or something that cannot be masked.
             BaseMismatchError: ``targets`` names tensors the model lacks.
         """
@@ -117,6 +120,13 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
             raise AlreadyAdaptedError(
                 "this model already carries popup layers; add a further mask with "
                 "model.add_adapter(name, config) instead of adapting it again"
+            )
+        if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+            raise AdapterError(
+                "this model carries PEFT adapters (LoRA, IA3, ...): a mask over them would "
+                "mask their small matrices and a base that changes with them. Merge them "
+                "first (model.merge_and_unload()), or mask the base and add PEFT on top of the "
+                "merged mask: get_peft_model(get_popup_model(base, ...).merge_and_unload(), ...)"
             )
         self.base_model = model
         #: how to rebuild this architecture from an artifact (see popup_adapter.specs)
