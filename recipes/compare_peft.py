@@ -111,6 +111,7 @@ def figure(results: dict[str, list[dict]], out: Path) -> None:
         )
         ax.annotate(name, (x, statistics.mean(top1)), textcoords="offset points", xytext=(6, 4))
     ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.1)
     ax.set_xlabel("bytes to publish (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("all-MiniLM-L6-v2 on Rotten Tomatoes: masks (red), PEFT (blue), dense (green)")
