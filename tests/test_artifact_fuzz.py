@@ -6,7 +6,6 @@ The mutations are drawn from a fixed seed, so a failure names a mutation that re
 another seed (CI runs the default: 500 from seed 0).
 """
 
-import hashlib
 import json
 import os
 import random
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
-from test_artifact_safety import conv_model, forge
+from test_artifact_safety import conv_model, forge, record_tensor_file
 
 from popup_adapter import PopupError, PopupModel, get_popup_model
 from popup_adapter.__main__ import inspect_artifact
@@ -138,17 +137,9 @@ def mutate(folder: Path, rng: random.Random) -> str:
 
 
 def _record_hash(folder: Path, weights: Path) -> None:
-    """Tell the config the tensor file's new size and hash (renaming it as format 3 names it)."""
+    """Tell the config the tensor file's new size and hash (renamed as its format names it)."""
     meta = json.loads((folder / CONFIG_NAME).read_text())
-    blob = weights.read_bytes()
-    sha = hashlib.sha256(blob).hexdigest()
-    name = (
-        weights.name
-        if weights.name == "popup_model.safetensors"
-        else f"popup_model-{sha[:16]}.safetensors"
-    )
-    weights.rename(folder / name)
-    meta["files"] = {name: {"sha256": sha, "size": len(blob)}}
+    record_tensor_file(folder, meta, weights.name, weights.read_bytes())
     (folder / CONFIG_NAME).write_text(json.dumps(meta))
 
 

@@ -27,7 +27,7 @@ from popup_adapter import (
     get_popup_model,
 )
 from popup_adapter.artifact import read_artifact
-from popup_adapter.artifact_schema import CONFIG_NAME, is_artifact_file
+from popup_adapter.artifact_schema import CONFIG_NAME, is_artifact_file, weights_name
 from popup_adapter.convnets import create_conv_net
 
 X_CONV = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -63,15 +63,20 @@ def forge(folder: Path, meta_edit=None, tensors_edit=None) -> None:
     if tensors_edit is not None:
         tensors_edit(tensors)
     blob = save(tensors, metadata={"format": f"popup_adapter/{meta['format_version']}"})
-    sha = hashlib.sha256(blob).hexdigest()
-    (folder / name).unlink()
-    # formats 1 and 2 name the file popup_model.safetensors, format 3 by its hash
-    new_name = name if name == "popup_model.safetensors" else f"popup_model-{sha[:16]}.safetensors"
-    (folder / new_name).write_bytes(blob)
-    meta["files"] = {new_name: {"sha256": sha, "size": len(blob)}}
+    record_tensor_file(folder, meta, name, blob)
     if meta_edit is not None:
         meta_edit(meta)
     (folder / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def record_tensor_file(folder: Path, meta: dict, old_name: str, blob: bytes) -> None:
+    """Replace the tensor file ``old_name`` by ``blob``, named as the artifact's format names it,
+    and record its size and hash in ``meta`` (the caller writes the config)."""
+    sha = hashlib.sha256(blob).hexdigest()
+    (folder / old_name).unlink()
+    name = weights_name(meta["format_version"], sha)
+    (folder / name).write_bytes(blob)
+    meta["files"] = {name: {"sha256": sha, "size": len(blob)}}
 
 
 @pytest.fixture(scope="module")
