@@ -1,11 +1,11 @@
 """What belongs to one adapter besides its scores, and how adapters share one backbone.
 
-Each adapter of a :class:`~popup_adapter.PopupModel` has its own scores (in the masked layers),
-its own copies of ``modules_to_save`` (:class:`ModulesToSaveWrapper`, as in PEFT) and its own
+Each adapter of a [`PopupModel`][popup_adapter.PopupModel] has its own scores (in the masked
+layers), its own copies of ``modules_to_save`` (`ModulesToSaveWrapper`, as in PEFT) and its own
 values of the tensors the backbone holds once: BatchNorm running statistics, and with
 ``train_norms`` the norm layers' weights and biases. Those live in the modules for the active
-adapter; :class:`AdapterBank` keeps every other adapter's values and swaps them in when the
-active adapter changes or is deleted.
+adapter; `AdapterBank` keeps every other adapter's values and swaps them in when the active adapter
+changes or is deleted.
 """
 
 from __future__ import annotations

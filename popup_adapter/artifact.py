@@ -1,20 +1,21 @@
 """An artifact read back: the mask artifact is a folder of three files (how they are written:
-:mod:`popup_adapter.artifact_files`).
+`popup_adapter.artifact_files`).
 
-- ``popup_config.json``: format and library versions, the :class:`PopupConfig`, the base's spec,
-  weight fingerprint and structure, every masked tensor's module, parameter, shape, kept count
-  and encoding, and the name, size and sha256 of the tensor file;
+- ``popup_config.json``: format and library versions, the
+  [`PopupConfig`][popup_adapter.PopupConfig], the base's spec, weight fingerprint and structure,
+  every masked tensor's module, parameter, shape, kept count and encoding, and the name, size and
+  sha256 of the tensor file;
 - ``popup_model-<first 16 hex digits of its sha256>.safetensors``: each layer's encoded mask
   (``mask.<layer>``, uint8) and the other tensors training changed (``state.<name>``:
   BatchNorm statistics, ``modules_to_save``, trained norms);
 - ``README.md``: a Hub model card.
 
-Nothing is pickled. A save is all or nothing (:mod:`popup_adapter.storage`): the tensor file,
+Nothing is pickled. A save is all or nothing (`popup_adapter.storage`): the tensor file,
 named by its content, is written first, then ``popup_config.json``, which names it, replaces the
 previous config (the commit), then the card; savers of one folder take turns. A reader sees the
 previous artifact or the new one, whole, and the recorded sha256 catches a tensor file that does
 not belong to its config. What a reader checks before it trusts a field:
-:mod:`popup_adapter.artifact_schema`.
+`popup_adapter.artifact_schema`.
 
 Formats 1 (the first release: no structure, each masked layer's ``weight`` named by its module)
 and 2 (a fixed tensor file name, ``popup_model.safetensors``) stay readable: their masks load
@@ -72,7 +73,7 @@ class Artifact:
 
     @property
     def base_spec(self) -> dict[str, Any]:
-        """How to rebuild the base architecture (see :mod:`popup_adapter.specs`)."""
+        """How to rebuild the base architecture (see `popup_adapter.specs`)."""
         return self.meta["base"]
 
     @property
@@ -96,7 +97,7 @@ class Artifact:
 
     def check_structure(self, structure: dict[str, str]) -> None:
         """Refuse a base whose structure
-        (:func:`~popup_adapter.structure.describe_structure`) is not the one this mask was
+        (`describe_structure`) is not the one this mask was
         trained on, naming the first module that differs and the fix.
         Format-1 artifacts record no structure: only their weight fingerprint is checked.
 
@@ -138,7 +139,7 @@ class Artifact:
         """The decoded boolean mask of layer ``name``.
 
         Args:
-            name: a layer of :attr:`layers`.
+            name: a layer of `layers`.
 
         Returns:
             The bool mask, shaped as the layer.
@@ -196,10 +197,10 @@ class Artifact:
 
     def check_base(self, shapes: dict[str, list[int]], fingerprint: str) -> None:
         """Refuse a base that is not this mask's weights (its structure is
-        :meth:`check_structure`'s, checked before adapting).
+        `check_structure`'s, checked before adapting).
 
         Args:
-            shapes: as in :meth:`check_shapes`.
+            shapes: as in `check_shapes`.
             fingerprint: the base's weight fingerprint.
 
         Raises:
@@ -228,7 +229,7 @@ def read_artifact(folder: str | os.PathLike) -> Artifact:
         folder: holds ``popup_config.json`` and the tensor file it names.
 
     Returns:
-        The :class:`Artifact`, its tensor file checked against the size and sha256 its config
+        The `Artifact`, its tensor file checked against the size and sha256 its config
         records.
 
     Raises:
@@ -288,7 +289,7 @@ def artifact_summary(artifact: Artifact) -> dict[str, Any]:
     """Sizes of an artifact against the entropy bound and packed bits, per layer and in total.
 
     Args:
-        artifact: as read by :func:`read_artifact`.
+        artifact: as read by `read_artifact`.
 
     Returns:
         ``{"layers": [per-layer rows], "weights", "mask_bytes", "entropy_bytes",

@@ -1,10 +1,10 @@
 """An artifact being saved: what it records, encoded and checked in memory, then written.
 
-A :class:`~popup_adapter.PopupModel` gathers :class:`ArtifactContents` (plain data: this module
-never sees a model); :func:`encode_artifact` turns it into the files' bytes, checking every
+A [`PopupModel`][popup_adapter.PopupModel] gathers `ArtifactContents` (plain data: this module
+never sees a model); `encode_artifact` turns it into the files' bytes, checking every
 value on the way (metrics included), so that nothing is left to fail once writing starts but
-the disk; :meth:`ArtifactFiles.write` writes them all or nothing (:mod:`popup_adapter.storage`)
-and a push sends them as one commit. The format itself: :mod:`popup_adapter.artifact`.
+the disk; `ArtifactFiles.write` writes them all or nothing (`popup_adapter.storage`)
+and a push sends them as one commit. The format itself: `popup_adapter.artifact`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class ArtifactFiles:
 
     @property
     def weights_name(self) -> str:
-        """The tensor file's name (see :func:`~popup_adapter.artifact_schema.weights_name`)."""
+        """The tensor file's name (see `weights_name`)."""
         return next(iter(self.meta["files"]))
 
     def contents(self) -> dict[str, bytes]:
@@ -90,7 +90,7 @@ class ArtifactFiles:
 
 @dataclass
 class ArtifactContents:
-    """What an artifact records, as plain data (a :class:`~popup_adapter.PopupModel` gathers
+    """What an artifact records, as plain data (a [`PopupModel`][popup_adapter.PopupModel] gathers
     it, see ``PopupModel.artifact_contents``): this module never sees a model."""
 
     adapter_name: str
@@ -119,7 +119,7 @@ def encode_artifact(
             tensors too) or strings; NaN and infinities are stored as strings.
 
     Returns:
-        The files, to write (:meth:`ArtifactFiles.write`) or push.
+        The files, to write (`ArtifactFiles.write`) or push.
 
     Raises:
         ArtifactError: a metric or dataset that the config cannot store; raised before

@@ -1,11 +1,11 @@
 """What a valid ``popup_config.json`` is: every field the loader reads, checked before it is used.
 
-An artifact may come from anyone, so :func:`~popup_adapter.artifact.read_artifact` parses its
+An artifact may come from anyone, so `read_artifact` parses its
 config under bounds (file size, nesting depth; Python caps integers at 4300 digits) and checks
 each field it will use: its type, its range and its agreement with the others (each layer's kept
 count against k, the tensor file's name against its hash, the base spec against what
 popup_adapter can rebuild without running anything the artifact chose). A failure is an
-:class:`~popup_adapter.ArtifactError` that names the file, the field and the fix, never a
+[`ArtifactError`][popup_adapter.ArtifactError] that names the file, the field and the fix, never a
 ``KeyError`` from deep inside the loader.
 """
 
@@ -57,7 +57,7 @@ MAX_DEPTH = 32
 #: bounds of one masked tensor's declared shape
 MAX_DIMS, MAX_NUMEL = 8, 2**40
 #: the tensor file's name in formats 1 and 2; format 3 names it by its content (see
-#: :func:`weights_name`), so that a save never replaces the file an older config names
+#: `weights_name`), so that a save never replaces the file an older config names
 LEGACY_WEIGHTS_NAME = "popup_model.safetensors"
 #: the tensor file's keys: a layer's encoded mask, and the other tensors training changed
 MASK_PREFIX, STATE_PREFIX = "mask.", "state."
@@ -108,7 +108,7 @@ def parse_json(data: bytes, where: object) -> Any:
         The parsed value.
 
     Raises:
-        ArtifactError: too large, not UTF-8 JSON, or nested deeper than :data:`MAX_DEPTH`.
+        ArtifactError: too large, not UTF-8 JSON, or nested deeper than `MAX_DEPTH`.
     """
     if len(data) > MAX_CONFIG_BYTES:
         raise ArtifactError(
@@ -152,7 +152,7 @@ def validate_meta(meta: Any, where: object) -> PopupConfig:
         where: the file, named in errors.
 
     Returns:
-        The artifact's :class:`PopupConfig`.
+        The artifact's [`PopupConfig`][popup_adapter.PopupConfig].
 
     Raises:
         ArtifactError: naming the first field that is missing, of the wrong type, out of range
@@ -199,7 +199,7 @@ def validate_meta(meta: Any, where: object) -> PopupConfig:
 
 
 def _is_structure_entry(entry: Any) -> bool:
-    """A module's description as :func:`~popup_adapter.structure.describe_structure` writes it."""
+    """A module's description as `describe_structure` writes it."""
     if not isinstance(entry, dict):
         return False
     if "alias of" in entry:

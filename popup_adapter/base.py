@@ -1,14 +1,14 @@
 """The frozen base: which tensor gets which value, and the rules that classify its modules.
 
-- :func:`seed_base` sets every parameter from ``(seed, its name)``: layer weights by the init with
-  their fan-in (:func:`masked_fan_in`), norms to identity, biases to zero, the rest small
+- `seed_base` sets every parameter from ``(seed, its name)``: layer weights by the init with
+  their fan-in (`masked_fan_in`), norms to identity, biases to zero, the rest small
   normals; with ``init="keep"`` it leaves a pretrained base alone. The *weight* fingerprint
   (``PopupModel.base_fingerprint``) hashes those values.
-- What can be masked (:func:`unmaskable_reason`) and what a module is (a norm, a weight layer,
+- What can be masked (`unmaskable_reason`) and what a module is (a norm, a weight layer,
   an expert bank), for the targets and the init alike.
 
 What computes with the values, the other half of a base's identity, is
-:mod:`popup_adapter.structure`'s.
+`popup_adapter.structure`'s.
 """
 
 from __future__ import annotations

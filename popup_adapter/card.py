@@ -46,7 +46,7 @@ def model_card(meta: dict[str, Any], file_bytes: int) -> str:
     has ``file_bytes`` bytes: what the base is, k, the seed, the size, how to load it.
 
     Args:
-        meta: the artifact's config, as :func:`~popup_adapter.artifact_files.encode_artifact`
+        meta: the artifact's config, as `encode_artifact`
             builds it.
         file_bytes: the tensor file's size.
 

@@ -35,7 +35,7 @@ class TrainingProgress:
         """Restore the position from a checkpoint.
 
         Args:
-            state: as :meth:`state_dict` returned it.
+            state: as `state_dict` returned it.
         """
         self.step, self.history = int(state["step"]), json.loads(state["history"])
 

@@ -53,7 +53,7 @@ def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
         mask: bool, any shape.
 
     Returns:
-        ``(encoding, uint8 payload)``, the smallest of :data:`ENCODINGS`.
+        ``(encoding, uint8 payload)``, the smallest of `ENCODINGS`.
     """
     bits = mask.detach().to("cpu").reshape(-1).numpy().astype(bool)
     numel, kept = bits.size, int(bits.sum())
@@ -73,7 +73,7 @@ def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
 def decode_mask(
     encoding: str, payload: np.ndarray, shape: tuple[int, ...], kept: int, where: str
 ) -> torch.Tensor:
-    """The boolean mask back from :func:`encode_mask`'s output.
+    """The boolean mask back from `encode_mask`'s output.
 
     Args:
         encoding: as stored.

@@ -1,4 +1,5 @@
-"""What the user asked for: :class:`PopupConfig`, validated once, at construction."""
+"""What the user asked for: [`PopupConfig`][popup_adapter.PopupConfig], validated once, at
+construction."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ from typing import Any
 
 from .errors import ConfigError
 
-#: Initialisations of the random base. ``keep`` leaves a pretrained base as it is.
 INITS = ("signed_constant", "kaiming_normal", "kaiming_uniform", "keep")
+"""The values of [`PopupConfig.init`][popup_adapter.PopupConfig]: how the random base is drawn.
+
+``signed_constant`` (the paper's best) draws ``+-sqrt(2 / fan_in)`` with a random sign,
+``kaiming_normal`` and ``kaiming_uniform`` torch's Kaiming draws, each from the seed; ``keep``
+leaves the model's own (pretrained) weights as they are. The [concepts](../concepts.md) page
+compares them.
+"""
 #: Initial scores: seeded uniform (the paper), or |W| so the search starts from magnitude pruning.
 SCORE_INITS = ("uniform", "magnitude")
 
@@ -46,7 +53,7 @@ class PopupConfig:
         scale_fan: use ``fan_in * k`` instead of ``fan_in`` in the init's scale (the paper's
             "scaled" variants), which keeps activations' variance after masking.
         seed: the seed every random base tensor and every initial score is derived from, in
-            [0, 2**64).
+            [0, 2<sup>64</sup>).
         train_norms: train the affine parameters of normalisation layers (stored in the
             artifact). By default they are identity and frozen, the paper's non-affine norms.
         mask_embeddings: also mask ``nn.Embedding`` layers when ``target_modules`` is None.
@@ -143,7 +150,7 @@ class PopupConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PopupConfig:
-        """The inverse of :meth:`to_dict`.
+        """The inverse of [`to_dict`][popup_adapter.PopupConfig.to_dict].
 
         Args:
             data: fields by name (those missing take their defaults).

@@ -94,7 +94,8 @@ def create_conv_net(name: str = "conv4", **kwargs: Any) -> ConvNet:
 
     Args:
         name: ``conv2``, ``conv4`` or ``conv6``.
-        **kwargs: :class:`ConvNet`'s ``width``, ``in_chans``, ``num_classes``, ``image_size``.
+        **kwargs: [`ConvNet`][popup_adapter.ConvNet]'s ``width``, ``in_chans``, ``num_classes``,
+            ``image_size``.
 
     Returns:
         The network, with random weights (``get_popup_model`` redraws them from the seed).

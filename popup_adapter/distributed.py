@@ -2,7 +2,7 @@
 
 On CPU machines two launches look right and are not (one process, or two unsynchronised
 ones); FSDP can shard a masked layer apart from its scores; and a run whose processes drift
-apart ends with different masks. Each has a check here, and :func:`full_parameters` gathers
+apart ends with different masks. Each has a check here, and `full_parameters` gathers
 what saving must read whole.
 """
 
@@ -70,7 +70,7 @@ def check_fsdp_plugin(accelerator: Accelerator) -> None:
 def check_fsdp_units(model: nn.Module) -> None:
     """Refuse a sharding that splits a masked layer from its base layer.
 
-    A :class:`~popup_adapter.layers.PopupLayer` reads its base layer's weight to compute
+    A [`PopupLayer`][popup_adapter.PopupLayer] reads its base layer's weight to compute
     ``W * M`` before the base layer runs (or without calling it, for the plain layers it
     computes itself), so FSDP's hooks on a base layer wrapped as its own unit would gather that
     weight too late, or never. Whole masked layers, or blocks of them, must be the units.
@@ -106,7 +106,7 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
     A sharded layer's mask is chosen over its whole score tensor, and saving reads every mask:
     all processes must take part in gathering the shards, so they all enter this context and
     then the main process alone saves. FSDP2 needs nothing here: its parameters are DTensors,
-    which :func:`~popup_adapter.sharding.whole_tensor` gathers where they are read.
+    which `whole_tensor` gathers where they are read.
 
     Args:
         model: the prepared model.
@@ -130,7 +130,7 @@ def mask_digest(model: nn.Module) -> str:
     """sha256 of a PopupModel's active masks: equal on every process of a healthy DDP run.
 
     Args:
-        model: a :class:`~popup_adapter.PopupModel`.
+        model: a [`PopupModel`][popup_adapter.PopupModel].
 
     Returns:
         64 hex digits.
@@ -149,7 +149,7 @@ def check_masks_agree(
 
     Args:
         accelerator: the run's ``Accelerator``.
-        model: the unwrapped :class:`~popup_adapter.PopupModel`.
+        model: the unwrapped [`PopupModel`][popup_adapter.PopupModel].
         log: receives the main process's message.
 
     Raises:

@@ -37,5 +37,5 @@ class AdapterError(PopupError):
 
 
 class ConfigError(PopupError):
-    """A :class:`~popup_adapter.PopupConfig` field (or ``base_kwargs``) has a value that cannot
-    work: k outside (0, 1], an unknown init, a negative seed, ..."""
+    """A [`PopupConfig`][popup_adapter.PopupConfig] field (or ``base_kwargs``) has a value that
+    cannot work: k outside (0, 1], an unknown init, a negative seed, ..."""

@@ -1,7 +1,7 @@
 """How an artifact travels: huggingface_hub's own API, its cache, revisions and errors.
 
-Nothing here speaks HTTP by hand. Hub errors become :class:`~popup_adapter.ArtifactError` with a
-message that says what was missing (repo, revision, file) and what to do.
+Nothing here speaks HTTP by hand. Hub errors become [`ArtifactError`][popup_adapter.ArtifactError]
+with a message that says what was missing (repo, revision, file) and what to do.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def open_artifact(
         **hub_kwargs: ``token``, ``cache_dir``, ``local_files_only`` for the download.
 
     Returns:
-        The :class:`~popup_adapter.artifact.Artifact`, its files checked against each other.
+        The `Artifact`, its files checked against each other.
 
     Raises:
         ArtifactError: the folder, repo, revision or a file is missing or malformed.

@@ -1,8 +1,8 @@
 """How wrappers go into a module tree and come back out.
 
-A masked module is replaced by its :class:`~popup_adapter.layers.PopupLayer` (a module with
+A masked module is replaced by its [`PopupLayer`][popup_adapter.PopupLayer] (a module with
 several masked parameters by nested ones), a saved module by its
-:class:`~popup_adapter.adapters.ModulesToSaveWrapper`, under every name the module is reachable
+`ModulesToSaveWrapper`, under every name the module is reachable
 by, so that a shared module stays one module. Merging and unloading put a replacement wherever
 a wrapper is; matching a further adapter's targets runs on a view of the plain tree.
 """
@@ -121,7 +121,7 @@ def is_wrapper(module: nn.Module) -> bool:
         module: any module.
 
     Returns:
-        True for a :class:`~popup_adapter.layers.PopupLayer` or a ``ModulesToSaveWrapper``.
+        True for a [`PopupLayer`][popup_adapter.PopupLayer] or a ``ModulesToSaveWrapper``.
     """
     return isinstance(module, (PopupLayer, ModulesToSaveWrapper))
 
@@ -130,7 +130,7 @@ def wrapped_module(wrapper: nn.Module) -> nn.Module:
     """What ``wrapper`` wraps: the original module, masks and trained copies left out.
 
     Args:
-        wrapper: a module for which :func:`is_wrapper` holds.
+        wrapper: a module for which `is_wrapper` holds.
 
     Returns:
         The innermost original module.

@@ -9,7 +9,7 @@ buffer when the caller allows it; they are registered as the torch operators
 ``torch.ops.popup_adapter.*``.
 
 The setting is read once, timm-style: ``POPUP_ADAPTER_KERNELS=0`` in the environment at import,
-or :func:`set_use_kernels`; a masked layer captures :func:`use_kernels` when it is built. The
+or `set_use_kernels`; a masked layer captures `use_kernels` when it is built. The
 extension is compiled by ``python -m popup_adapter build-kernels`` or, with a message, when the
 first model that uses the kernels is adapted (a C++ compiler is required), never inside a
 training step; later processes load the built library. When it cannot be built, a warning says

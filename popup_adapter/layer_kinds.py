@@ -3,7 +3,7 @@
 An exact ``nn.Linear``, ``nn.Conv1d/2d/3d``, transformers ``Conv1D`` or ``nn.Embedding`` is
 computed here as the same operation with ``W * M`` (so the fused kernels' in-place backward
 applies); any other module, subclasses of these included, runs its own forward through the
-generic :class:`~popup_adapter.layers.PopupLayer`. :func:`create_popup_layer` wraps a module's
+generic [`PopupLayer`][popup_adapter.PopupLayer]. `create_popup_layer` wraps a module's
 masked parameters, one wrapper each.
 """
 
@@ -110,7 +110,8 @@ class PopupEmbedding(PopupLayer):
 
 def popup_layer_class(module: nn.Module) -> type[PopupLayer]:
     """The wrapper class for ``module``'s ``weight``: the one that computes its kind directly
-    where there is one (its exact class only), else the generic :class:`PopupLayer`.
+    where there is one (its exact class only), else the generic
+    [`PopupLayer`][popup_adapter.PopupLayer].
 
     Args:
         module: the module that owns the masked ``weight``.
@@ -140,12 +141,13 @@ def create_popup_layer(
         parameter_names: which of its parameters.
 
     Returns:
-        The outermost wrapper (a :class:`PopupLinear`/:class:`PopupConv`/... for an exact plain
-        layer's ``weight``, a :class:`PopupLayer` otherwise).
+        The outermost wrapper (a
+        [`PopupLinear`][popup_adapter.PopupLinear]/[`PopupConv`][popup_adapter.PopupConv]/... for an
+        exact plain layer's ``weight``, a [`PopupLayer`][popup_adapter.PopupLayer] otherwise).
 
     Raises:
         TypeError: a parameter cannot be masked, with the reason (see
-            :func:`~popup_adapter.base.unmaskable_reason`).
+            `unmaskable_reason`).
     """
     names = sorted(parameter_names, key=lambda name: name != "weight")
     for name in names:

@@ -15,11 +15,11 @@ too, and every other attribute (``kernel_size``, ``in_features``, ``nf``...) rea
 the base layer. Only the exact classes ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` and
 transformers' ``Conv1D`` without hooks are computed here directly, as the one functional
 operation their forward is: the same computation, and the fused straight-through backward may
-then reuse the weight-gradient buffer (see :func:`~popup_adapter.selection.masked_weight`).
+then reuse the weight-gradient buffer (see [`masked_weight`][popup_adapter.masked_weight]).
 
 Weights that a parametrization recomputes from other tensors (weight normalisation) cannot be
 swapped this way (``functional_call`` would silently use the parametrization's value), so they
-are refused (:func:`~popup_adapter.base.unmaskable_reason`).
+are refused (`unmaskable_reason`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class PopupLayer(nn.Module):
 
     #: the names PEFT-style code uses to find adapter parameters
     adapter_layer_names = ("popup_scores",)
-    #: the exact classes whose forward :meth:`forward_with_weight` computes
+    #: the exact classes whose forward
+    #: [`forward_with_weight`][popup_adapter.PopupLayer.forward_with_weight] computes
     computed_types: tuple[type, ...] = ()
 
     def __init__(
@@ -246,9 +247,10 @@ class PopupLayer(nn.Module):
         return torch.stack(parts) if self.per_expert else parts[0]
 
     def _computes_itself(self, args: tuple, kwargs: dict) -> bool:
-        """Whether the base layer's forward is exactly :meth:`forward_with_weight` here: its
-        class is one of ``computed_types`` exactly, called with one input, and no hook (its own,
-        a global one, or a replaced ``forward`` such as accelerate's) would be skipped."""
+        """Whether the base layer's forward is exactly
+        [`forward_with_weight`][popup_adapter.PopupLayer.forward_with_weight] here: its class is one
+        of ``computed_types`` exactly, called with one input, and no hook (its own, a global one, or
+        a replaced ``forward`` such as accelerate's) would be skipped."""
         base = self.base_layer
         return (
             type(base) in self.computed_types

@@ -50,16 +50,16 @@ def get_popup_model(
     Args:
         model: any timm, transformers or plain ``nn.Module``; changed in place (its weights
             are redrawn from the seed, its layers wrapped).
-        config: a :class:`PopupConfig` (default: one from ``overrides``).
+        config: a [`PopupConfig`][popup_adapter.PopupConfig] (default: one from ``overrides``).
         adapter_name: the name of this first mask.
         base_kwargs: constructor arguments of a timm model that cannot be read back from the
             built model (e.g. ``{"act_layer": "gelu", "output_stride": 16}``): stored in the
             artifact, they rebuild the same network at load time.
-        **overrides: fields of :class:`PopupConfig` (``k=0.3``, ``init=...``), on top of
-            ``config``.
+        **overrides: fields of [`PopupConfig`][popup_adapter.PopupConfig] (``k=0.3``, ``init=...``),
+            on top of ``config``.
 
     Returns:
-        The :class:`PopupModel`, its first adapter active and trainable.
+        The [`PopupModel`][popup_adapter.PopupModel], its first adapter active and trainable.
 
     Raises:
         ConfigError: a config field has an impossible value.
@@ -80,7 +80,7 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
     """A model whose Linear/Conv layers use ``W * M``, M chosen by learned scores.
 
     The random base is drawn from ``config.seed`` when the model is built (see
-    :mod:`popup_adapter.seeding`); only the scores (and ``modules_to_save``, and the norms with
+    `popup_adapter.seeding`); only the scores (and ``modules_to_save``, and the norms with
     ``train_norms``) train. Several adapters can share one backbone: each has its own scores,
     its own BatchNorm running statistics and its own ``modules_to_save``.
     """
@@ -99,7 +99,7 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
         for a caller that sets them right away (loading a saved mask); ``targets`` masks exactly
         these tensors instead of resolving ``config``'s selectors (an artifact's own list, so
         that it loads the same under later default rules); ``base_kwargs`` as in
-        :func:`get_popup_model`.
+        [`get_popup_model`][popup_adapter.get_popup_model].
 
         Args:
             model: the plain model, changed in place.
@@ -185,7 +185,7 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
         """Every masked tensor's layer.
 
         Yields:
-            ``(name, layer)``, named as :attr:`MaskTarget.key`: the plain model's module name
+            ``(name, layer)``, named as `MaskTarget.key`: the plain model's module name
             for a layer's ``weight``, ``module.parameter`` otherwise (an expert bank). A module
             reachable under several names appears once.
         """
@@ -204,8 +204,8 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
             adapter_name: whose (default: the active adapter).
 
         Returns:
-            ``{tensor name: bool mask shaped like it}``, named as :meth:`popup_layers` names
-            them.
+            ``{tensor name: bool mask shaped like it}``, named as
+            [`popup_layers`][popup_adapter.PopupModel.popup_layers] names them.
         """
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
@@ -233,8 +233,8 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
 
     @property
     def base_fingerprint(self) -> str:
-        """sha256 of :meth:`base_state`: what a mask must be loaded back onto (sharded tensors
-        are gathered whole: under FSDP every process must ask).
+        """sha256 of [`base_state`][popup_adapter.PopupModel.base_state]: what a mask must be loaded
+        back onto (sharded tensors are gathered whole: under FSDP every process must ask).
 
         Returns:
             64 hex digits.

@@ -1,10 +1,10 @@
 """How adapters live on one backbone: what each owns, switching, adding, deleting, and how
 they come back out (merged or unloaded).
 
-:class:`MultiAdapterMixin` is the tuner half of :class:`~popup_adapter.PopupModel` (PEFT's
+`MultiAdapterMixin` is the tuner half of [`PopupModel`][popup_adapter.PopupModel] (PEFT's
 tuners have the same methods): the masks are in the masked layers, the ``modules_to_save``
 copies in their wrappers, and every inactive adapter's BatchNorm statistics and trained norms
-in an :class:`~popup_adapter.adapters.AdapterBank`. It relies on the host model for
+in an `AdapterBank`. It relies on the host model for
 ``base_model``, ``peft_config``, ``active_adapter``, ``targets``, ``coverage``, ``_bank``,
 ``_initial_norms`` and ``_masked_layers``.
 """
@@ -42,7 +42,7 @@ from .targets import MaskTarget, resolve_targets
 
 
 class MultiAdapterMixin:
-    """Adapter management for :class:`~popup_adapter.PopupModel`."""
+    """Adapter management for [`PopupModel`][popup_adapter.PopupModel]."""
 
     @property
     def _backbone_config(self) -> PopupConfig:
@@ -96,11 +96,13 @@ class MultiAdapterMixin:
     def load_trained_state(
         self, adapter_name: str, state: dict[str, torch.Tensor], where: object = "the given state"
     ) -> None:
-        """Set ``adapter_name``'s state from ``state``, the inverse of :meth:`trained_state`.
+        """Set ``adapter_name``'s state from ``state``, the inverse of
+        [`trained_state`][popup_adapter.PopupModel.trained_state].
 
         Args:
             adapter_name: whose state to set.
-            state: every tensor :meth:`trained_state` names, each with its shape.
+            state: every tensor [`trained_state`][popup_adapter.PopupModel.trained_state] names,
+                each with its shape.
             where: named in the error messages (a file).
 
         Raises:
@@ -260,7 +262,8 @@ class MultiAdapterMixin:
 
         Returns:
             ``{"<bn name>.running_mean": tensor, ...}`` (``running_var`` and
-            ``num_batches_tracked`` too), live views as in :meth:`trained_state`.
+            ``num_batches_tracked`` too), live views as in
+            [`trained_state`][popup_adapter.PopupModel.trained_state].
         """
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
@@ -286,7 +289,7 @@ class MultiAdapterMixin:
         }
 
     def _shared_tensors(self) -> dict[str, torch.Tensor]:
-        """The live tensors every adapter has its own values of (see :class:`AdapterBank`)."""
+        """The live tensors every adapter has its own values of (see `AdapterBank`)."""
         shared = self._norm_parameters()
         for name, bn in self._batchnorms():
             shared.update({f"{name}.{stat}": getattr(bn, stat) for stat in BATCHNORM_STATS})

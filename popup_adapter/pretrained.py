@@ -1,10 +1,10 @@
-"""How a :class:`~popup_adapter.PopupModel` becomes an artifact and comes back from one.
+"""How a [`PopupModel`][popup_adapter.PopupModel] becomes an artifact and comes back from one.
 
-Saving gathers what the artifact records (:meth:`PretrainedMixin.artifact_contents`), encodes
+Saving gathers what the artifact records (`PretrainedMixin.artifact_contents`), encodes
 and checks it in memory, then writes or pushes it whole. Loading trusts nothing in the artifact
-before it is checked: the files are read and validated (:func:`~popup_adapter.hub.open_artifact`),
+before it is checked: the files are read and validated (`open_artifact`),
 the base is built on the meta device first, so that its structure, the masked tensors' shapes
-and the memory it needs are known before anything is allocated (:func:`check_fits`), and only
+and the memory it needs are known before anything is allocated (`check_fits`), and only
 then built, regenerated from the seed, fingerprinted and masked.
 """
 
@@ -80,7 +80,7 @@ def check_fits(artifact: Artifact, check_structure: bool = True) -> None:
 
 class PretrainedMixin:
     """``save_pretrained`` / ``push_to_hub`` / ``from_pretrained`` / ``load_adapter`` of
-    :class:`~popup_adapter.PopupModel`, as transformers and PEFT name them."""
+    [`PopupModel`][popup_adapter.PopupModel], as transformers and PEFT name them."""
 
     def artifact_contents(self, adapter_name: str | None = None) -> ArtifactContents:
         """What an artifact of an adapter records, gathered whole.
@@ -92,7 +92,7 @@ class PretrainedMixin:
             adapter_name: whose (default: the active adapter).
 
         Returns:
-            The :class:`~popup_adapter.artifact_files.ArtifactContents`.
+            The `ArtifactContents`.
 
         Raises:
             AdapterError: the model was merged or unloaded: it has no masks left.
@@ -127,12 +127,12 @@ class PretrainedMixin:
         """An adapter's artifact encoded in memory, to write or push.
 
         Args:
-            adapter_name: as in :meth:`save_pretrained`.
-            dataset: as in :meth:`save_pretrained`.
-            metrics: as in :meth:`save_pretrained`.
+            adapter_name: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
+            dataset: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
+            metrics: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
 
         Returns:
-            The :class:`~popup_adapter.artifact_files.ArtifactFiles`.
+            The `ArtifactFiles`.
         """
         return encode_artifact(self.artifact_contents(adapter_name), dataset, metrics)
 
@@ -183,9 +183,9 @@ class PretrainedMixin:
             revision: the branch (default ``main``).
             commit_message: default ``"Upload popup_adapter mask (k=...)"``.
             token: a Hub token (default: the logged-in one).
-            adapter_name: as in :meth:`save_pretrained`.
-            dataset: as in :meth:`save_pretrained`.
-            metrics: as in :meth:`save_pretrained`.
+            adapter_name: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
+            dataset: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
+            metrics: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
 
         Returns:
             huggingface_hub's ``CommitInfo``.
@@ -270,7 +270,7 @@ class PretrainedMixin:
             adapter_name: a new adapter name.
             revision: a branch, tag or commit of the Hub repo.
             is_trainable: leave its scores trainable once it is active.
-            **hub_kwargs: as in :meth:`from_pretrained`.
+            **hub_kwargs: as in [`from_pretrained`][popup_adapter.PopupModel.from_pretrained].
 
         Raises:
             BaseMismatchError: the mask was trained over another base, or masks other tensors.

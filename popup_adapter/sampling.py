@@ -1,9 +1,9 @@
 """Which sample comes when, drawn with which randomness: what makes a resumed run exact.
 
-The data order comes from ``(seed, epoch)`` alone (:class:`EpochShuffleSampler`), every
-sample's augmentation from ``(seed, epoch, index)`` (:class:`SeededDataset`) and a step's
+The data order comes from ``(seed, epoch)`` alone (`EpochShuffleSampler`), every
+sample's augmentation from ``(seed, epoch, index)`` (`SeededDataset`) and a step's
 in-model randomness (dropout) from ``(seed, step, rank)``, each drawn inside
-:func:`seeded_rngs`: a run that stops anywhere and resumes sees what the uninterrupted one saw,
+`seeded_rngs`: a run that stops anywhere and resumes sees what the uninterrupted one saw,
 whatever the number of loader workers, and the caller's global generators are never reseeded.
 """
 
@@ -43,7 +43,7 @@ def seeded_rngs(seed: int, device: torch.device | None = None) -> Iterator[None]
     own without changing what any code outside the block draws.
 
     Args:
-        seed: any non-negative integer (see :func:`derived_seed`).
+        seed: any non-negative integer (see `derived_seed`).
         device: also fork this CUDA device's generator (CPU's always is).
 
     Yields:

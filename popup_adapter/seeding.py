@@ -160,7 +160,7 @@ def init_values(init: str, seed: int, name: str, shape: torch.Size, fan_in: floa
     """Layer weights drawn by an init, from their own stream.
 
     Args:
-        init: a :data:`~popup_adapter.config.INITS` name other than ``keep``.
+        init: a [`INITS`][popup_adapter.INITS] name other than ``keep``.
         seed: the base's seed.
         name: the tensor's name (its stream).
         shape: the tensor's shape.

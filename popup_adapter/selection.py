@@ -5,12 +5,12 @@ This is the hot path of training. Exactness is the contract (every layer keeps e
 
 - no sort: ``kthvalue`` finds the threshold in linear time;
 - **threshold reuse**: scores move little between optimizer steps, so each layer remembers its
-  last threshold and last move (:class:`SelectionState`) and looks in a narrow band around the
+  last threshold and last move (`SelectionState`) and looks in a narrow band around the
   predicted threshold. When the threshold lies in the band (the usual case), only the few scores
   inside it are selected among; otherwise the counts say on which side it lies and the band
   moves there, and after a few misses the full ``kthvalue`` runs. Either way the result is the
   exact top-k;
-- **fused CPU kernels** (:mod:`.kernels`): on CPU the band search and ``W * M`` are one pass
+- **fused CPU kernels** (`.kernels`): on CPU the band search and ``W * M`` are one pass
   over scores and weights, and the backward one pass; elsewhere the same search runs in torch
   operations.
 
@@ -155,7 +155,7 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
 
     Args:
         scores: any shape.
-        kept: how many entries to keep (see :func:`num_kept`).
+        kept: how many entries to keep (see [`num_kept`][popup_adapter.num_kept]).
         state: read and updated to reuse the last threshold; the result does not depend on it.
 
     Returns:
@@ -241,7 +241,7 @@ class StraightThroughMask(torch.autograd.Function):
 
 
 class FusedStraightThroughMask(torch.autograd.Function):
-    """:class:`StraightThroughMask` computed by the fused CPU kernels (:mod:`.kernels`): the
+    """`StraightThroughMask` computed by the fused CPU kernels (`.kernels`): the
     forward is one pass over scores and weights around the last threshold, the backward one
     pass. Same masks and gradients; used for frozen CPU weights when the kernels are built."""
 
@@ -314,7 +314,7 @@ class FusedStraightThroughMask(torch.autograd.Function):
 def _fused_kernels_apply(
     weight: torch.Tensor, scores: torch.Tensor, state, fused: bool = True
 ) -> bool:
-    """Whether :class:`FusedStraightThroughMask` can serve this call: the caller allows it
+    """Whether `FusedStraightThroughMask` can serve this call: the caller allows it
     (``fused``), plain CPU tensors of one floating dtype (no tensor subclass such as DTensor or
     a compile-time fake), a frozen weight, a selection state, eager mode, and kernels that are
     built."""
@@ -346,8 +346,8 @@ def masked_weight(
     Args:
         weight: the frozen base weight.
         scores: the scores, shaped like ``weight``.
-        kept: how many weights the mask keeps (see :func:`num_kept`).
-        state: the layer's :class:`SelectionState`, which lets the selection search a narrow
+        kept: how many weights the mask keeps (see [`num_kept`][popup_adapter.num_kept]).
+        state: the layer's `SelectionState`, which lets the selection search a narrow
             band around the last threshold (``None``: an exact selection from scratch).
         single_use: promises that the result feeds exactly one operation whose gradient with
             respect to it is a buffer of its own (a convolution's or a matmul's weight
@@ -355,7 +355,7 @@ def masked_weight(
             what a masked layer's forward does. Leave it False when the result is used any
             other way.
         fused: whether the fused CPU kernels may serve the call (default:
-            :func:`popup_adapter.kernels.use_kernels`); masked layers pass the setting they
+            `popup_adapter.kernels.use_kernels`); masked layers pass the setting they
             captured when built.
 
     Returns:

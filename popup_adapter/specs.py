@@ -68,6 +68,29 @@ def _checked_base_kwargs(base_kwargs: dict[str, Any] | None, library: str) -> di
     return {"base_kwargs": dict(base_kwargs)}
 
 
+#: timm's ``features_only`` wrappers, by the ``feature_cls`` name that rebuilds each
+_TIMM_FEATURE_CLASSES = {
+    "FeatureListNet": "list",
+    "FeatureDictNet": "dict",
+    "FeatureHookNet": "hook",
+    "FeatureGetterNet": "getter",
+    "FeatureGraphNet": "fx",
+}
+
+
+def _timm_head_kwargs(model: nn.Module) -> dict[str, Any]:
+    """What rebuilds a timm model's output: its classifier size, or for a ``features_only``
+    model (which has no classifier) the wrapper class and the feature levels it returns."""
+    feature_cls = _TIMM_FEATURE_CLASSES.get(type(model).__name__)
+    if feature_cls is None:
+        return {"num_classes": model.num_classes}
+    return {
+        "features_only": True,
+        "feature_cls": feature_cls,
+        "out_indices": [int(i) for i in model.feature_info.out_indices],
+    }
+
+
 def describe_base(model: nn.Module, base_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The spec of a model: what rebuilds its architecture from an artifact alone.
 
@@ -91,13 +114,15 @@ def describe_base(model: nn.Module, base_kwargs: dict[str, Any] | None = None) -
             **_pretrained_source(model),
         }
     if module.startswith("timm.") and getattr(model, "pretrained_cfg", None):
-        kwargs: dict[str, Any] = {"num_classes": model.num_classes}
+        kwargs = _timm_head_kwargs(model)
         first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if isinstance(getattr(model, "in_chans", None), int):  # the model says (a DCT stem...)
             kwargs["in_chans"] = model.in_chans
         elif first_conv is not None:
             kwargs["in_chans"] = first_conv.in_channels
-        patch_embed = getattr(model, "patch_embed", None)
+        # a features_only ViT (FeatureGetterNet) holds the model it wraps as .model
+        wrapped = model.model if type(model).__name__ == "FeatureGetterNet" else model
+        patch_embed = getattr(wrapped, "patch_embed", None)
         if getattr(patch_embed, "img_size", None) is not None:
             kwargs["img_size"] = list(patch_embed.img_size)
         return {
@@ -197,8 +222,8 @@ def build_base(
     """Rebuild the architecture a spec describes (random weights; the seed sets them after).
 
     Args:
-        spec: as :func:`describe_base` wrote it (an artifact's ``base``, checked by
-            :func:`check_spec`).
+        spec: as `describe_base` wrote it (an artifact's ``base``, checked by
+            `check_spec`).
         pretrained: an ``init="keep"`` artifact: a transformers base is loaded with the stored
             config (so a head is built as it was) rather than built at random.
         pretrained_source: where the pretrained weights are (a folder or Hub id); default the
@@ -212,8 +237,9 @@ def build_base(
 
     Raises:
         ArtifactError: the spec names a model this library version lacks, a custom model,
-            constructor arguments the model refuses, or a pretrained source that cannot be
-            found (the message says what to pass).
+            constructor arguments the model refuses, a pretrained source that cannot be
+            found, or pretrained weights of a timm model, whose source it does not record
+            (the message says what to pass).
     """
     library = spec.get("library")
     if library == "custom":
@@ -221,6 +247,13 @@ def build_base(
             f"the base of this mask is a {spec.get('class', 'custom model')}, which "
             "popup_adapter cannot rebuild by itself; pass model= with that "
             "architecture (its weights are regenerated from the seed)"
+        )
+    if pretrained and library != "transformers":
+        raise ArtifactError(
+            f"this mask was learned over pretrained weights of {describe(spec)} (init='keep'), "
+            "which the artifact does not carry and this spec records no source for; pass "
+            "model= with those weights, e.g. model=timm.create_model(name, pretrained=True) "
+            "(their fingerprint is checked against the artifact's)"
         )
     try:
         with torch.device("meta") if meta else contextlib.nullcontext():

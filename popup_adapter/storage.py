@@ -28,7 +28,7 @@ try:
 except ImportError:  # Windows: each file is still replaced atomically, saves are not serialised
     fcntl = None
 
-#: what :func:`atomic_write` names its temporary files: ``.<name>.<pid>.<16 hex>.tmp``
+#: what `atomic_write` names its temporary files: ``.<name>.<pid>.<16 hex>.tmp``
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.\d+\.[0-9a-f]{16}\.tmp")
 
 

@@ -1,10 +1,10 @@
 """What identifies a base's architecture: its structure, a second fingerprint beside the weights'.
 
-The structure (:func:`describe_structure`) describes what computes with the base's values: the
+The structure (`describe_structure`) describes what computes with the base's values: the
 module tree, each module's class and the settings that change its outputs in eval mode,
 parameter shapes and tying. Two networks can hold the same parameters and compute different
 functions (timm's ``act_layer="gelu"``, ``output_stride=16``); the structure tells them apart,
-and :func:`first_difference` says where they first differ.
+and `first_difference` says where they first differ.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def structure_fingerprint(structure: dict[str, str]) -> str:
     """sha256 of a structure description (names, order and descriptions).
 
     Args:
-        structure: as :func:`describe_structure` returns it.
+        structure: as `describe_structure` returns it.
 
     Returns:
         64 hex digits.

@@ -1,6 +1,6 @@
 """Which tensors are masked: PEFT's target matching, over modules and the parameters they own.
 
-A target is one parameter of one module (:class:`MaskTarget`). With ``target_modules=None``:
+A target is one parameter of one module (`MaskTarget`). With ``target_modules=None``:
 
 - the ``weight`` of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and transformers ``Conv1D``
   (subclasses included; ``nn.Embedding`` too with ``mask_embeddings``);
@@ -12,8 +12,8 @@ A target is one parameter of one module (:class:`MaskTarget`). With ``target_mod
 
 A module named in ``target_modules`` has all its own matrix parameters masked. A module reachable
 under several names is one target (found by any of its names) and is masked everywhere it is
-used. Matrix weights (:func:`is_matrix_weight`) that none of this masks are reported by
-:func:`matrix_coverage`, and :func:`warn_unmasked` names them.
+used. Matrix weights (`is_matrix_weight`) that none of this masks are reported by
+`matrix_coverage`, and `warn_unmasked` names them.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def check_stored_targets(
 
 @dataclass
 class Coverage:
-    """How much of a model's matrix weights (:func:`is_matrix_weight`) the masks cover."""
+    """How much of a model's matrix weights (`is_matrix_weight`) the masks cover."""
 
     masked: int
     trained: int
@@ -291,7 +291,7 @@ def matrix_coverage(
         trained_roots: modules trained densely.
 
     Returns:
-        The :class:`Coverage`.
+        The `Coverage`.
     """
     masked_paths = {target.parameter_path for target in targets}
     seen: set[int] = set()
@@ -318,7 +318,7 @@ def warn_unmasked(coverage: Coverage) -> None:
     user did not choose that).
 
     Args:
-        coverage: as :func:`matrix_coverage` counted it.
+        coverage: as `matrix_coverage` counted it.
     """
     if not coverage.unmasked:
         return

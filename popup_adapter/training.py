@@ -1,21 +1,23 @@
 """The one training loop every recipe uses, on Accelerate.
 
 Accelerate gives devices, DDP, mixed precision, gradient accumulation and checkpoints; this
-module adds what a mask search needs around them, in three short parts (:func:`train` calls
+module adds what a mask search needs around them, in three short parts
+([`train`][popup_adapter.training.train] calls
 them in order):
 
-- **set-up** (:func:`prepare_run`): the checks that a multi-process launch is sound
-  (:mod:`popup_adapter.distributed`), the seeded data order and augmentations that make a
-  resume exact (:mod:`popup_adapter.sampling`), the paper's optimisation of the scores (SGD
-  with momentum or AdamW, linear warm-up then cosine, weight decay on the scores, label
-  smoothing, the learning rate scaled linearly with the global batch);
-- **the loop** (:func:`run_loop`): steps, evaluation every epoch (top-1/top-5 gathered across
-  processes, :mod:`popup_adapter.evaluation`), atomic checkpoints
-  (:mod:`popup_adapter.checkpoints`), a progress bar on the main process, metrics through
-  Accelerate's trackers (TensorBoard when installed); the loss is read back from the device
-  only every ``log_every`` steps;
-- **the save hook** (:func:`save_result`): ``save_pretrained`` of the mask (and a Hub push from
-  the main process), or the dense weights of a model that is not a PopupModel.
+- **set-up** ([`prepare_run`][popup_adapter.training.prepare_run]): the checks that a multi-process
+  launch is sound (`popup_adapter.distributed`), the seeded data order and augmentations that make a
+  resume exact (`popup_adapter.sampling`), the paper's optimisation of the scores (SGD with momentum
+  or AdamW, linear warm-up then cosine, weight decay on the scores, label smoothing, the learning
+  rate scaled linearly with the global batch);
+- **the loop** ([`run_loop`][popup_adapter.training.run_loop]): steps, evaluation every epoch
+  (top-1/top-5 gathered across processes, `popup_adapter.evaluation`), atomic checkpoints
+  (`popup_adapter.checkpoints`), a progress bar on the main process, metrics through Accelerate's
+  trackers (TensorBoard when installed); the loss is read back from the device only every
+  ``log_every`` steps;
+- **the save hook** ([`save_result`][popup_adapter.training.save_result]): ``save_pretrained`` of
+  the mask (and a Hub push from the main process), or the dense weights of a model that is not a
+  PopupModel.
 """
 
 from __future__ import annotations
@@ -75,7 +77,22 @@ def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
 
 @dataclass
 class Run:
-    """Everything the loop needs, as :func:`prepare_run` set it up."""
+    """Everything the loop needs, as [`prepare_run`][popup_adapter.training.prepare_run] set it
+    up.
+
+    Args:
+        accelerator: the run's ``Accelerator`` (processes, mixed precision, checkpoints).
+        model: the prepared (possibly DDP-wrapped) model.
+        optimizer: the prepared optimizer over what trains.
+        scheduler: warmup then cosine, stepped per optimizer step.
+        train_loader: the prepared training loader, its order from ``(seed, epoch)``.
+        eval_loader: the prepared evaluation loader, or None without an eval dataset.
+        seeded: the training dataset, wrapped so each sample's augmentation is seeded.
+        steps_per_epoch: optimizer steps in one epoch.
+        stop_at: the optimizer step the run ends at.
+        log: prints on the main process only.
+        progress: the step reached and the metrics per epoch, restored when resuming.
+    """
 
     accelerator: Accelerator
     model: nn.Module
@@ -142,15 +159,16 @@ def prepare_run(
     schedule, then ``accelerator.prepare`` and, with ``args.resume``, the last checkpoint.
 
     Args:
-        model: as in :func:`train`.
-        train_dataset: as in :func:`train`.
-        eval_dataset: as in :func:`train`.
-        args: as in :func:`train`.
-        collate_fn: as in :func:`train`.
-        log: as in :func:`train`.
+        model: as in [`train`][popup_adapter.training.train].
+        train_dataset: as in [`train`][popup_adapter.training.train].
+        eval_dataset: as in [`train`][popup_adapter.training.train].
+        args: as in [`train`][popup_adapter.training.train].
+        collate_fn: as in [`train`][popup_adapter.training.train].
+        log: as in [`train`][popup_adapter.training.train].
 
     Returns:
-        The :class:`Run`, its progress restored from the checkpoint when resuming.
+        The [`Run`][popup_adapter.training.Run], its progress restored from the checkpoint when
+        resuming.
 
     Raises:
         RuntimeError: the launch, the FSDP plugin or its units cannot train correctly.
@@ -245,7 +263,7 @@ def run_loop(run: Run, args: TrainingArguments, forward: Callable = default_forw
     checkpoint where ``max_train_steps`` stops the run).
 
     Args:
-        run: from :func:`prepare_run`.
+        run: from [`prepare_run`][popup_adapter.training.prepare_run].
         args: the run's arguments.
         forward: ``forward(model, batch) -> (logits, labels)``.
 
@@ -327,7 +345,7 @@ def train(
     """Train ``model``'s trainable parameters (a PopupModel's scores, or a dense model) and save.
 
     Args:
-        model: a :class:`~popup_adapter.PopupModel` (saved as a mask artifact), a model with
+        model: a [`PopupModel`][popup_adapter.PopupModel] (saved as a mask artifact), a model with
             ``save_pretrained`` (transformers, PEFT: saved with it) or any module (saved as
             ``model.safetensors``).
         train_dataset: map-style; sample ``i`` of epoch ``e`` is drawn under RNGs seeded from

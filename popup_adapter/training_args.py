@@ -1,5 +1,6 @@
-"""What a training run does: :class:`TrainingArguments`, and the command-line flags every recipe
-shares (transformers keeps its ``TrainingArguments`` in a module of its own too)."""
+"""What a training run does: [`TrainingArguments`][popup_adapter.training.TrainingArguments], and
+the command-line flags every recipe shares (transformers keeps its ``TrainingArguments`` in a module
+of its own too)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,47 @@ from .errors import ConfigError
 
 @dataclass
 class TrainingArguments:
-    """What a training run does; every recipe fills it from its command line."""
+    """What a training run does; every recipe fills it from its command line.
+
+    The names follow transformers' ``TrainingArguments`` where the two share a meaning
+    (``output_dir``, ``seed``, ``push_to_hub``, ``gradient_accumulation_steps``, ...). The
+    defaults are the paper's optimisation of the scores: SGD, momentum 0.9, weight decay 5e-4.
+
+    Args:
+        output_dir: where the artifact (or, for a plain model, its weights), the checkpoints and
+            the logs are written.
+        epochs: passes over the training data.
+        batch_size: samples per process and optimizer step (before gradient accumulation).
+        lr: peak learning rate, reached after the warmup and followed by a cosine decay to 0.
+        lr_reference_batch: scale ``lr`` linearly by global batch / this (the paper: lr 0.256 for
+            a batch of 256); None uses ``lr`` as given.
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adamw"``.
+        momentum: SGD's momentum.
+        weight_decay: applied to what trains (the scores, and any ``modules_to_save``).
+        warmup_epochs: linear warmup from 0, in epochs (fractions allowed).
+        label_smoothing: of the cross-entropy loss.
+        gradient_accumulation_steps: batches per optimizer step.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` autocast (the scores stay float32);
+            None takes the Accelerate config's.
+        max_train_steps: stop (and checkpoint) after this many optimizer steps; None trains
+            every epoch.
+        seed: the data order, augmentations and any dropout derive from it, so a resumed run
+            equals one that never stopped (the random base has its own seed, in the config).
+        resume: continue from the latest checkpoint under ``output_dir``.
+        workers: ``DataLoader`` worker processes (0 loads in the main process).
+        eval_batch_size: batch size of evaluation; None uses ``batch_size``.
+        dataset_name: recorded in the model card and the artifact.
+        push_to_hub: a Hub repo id to push the saved artifact to; None saves locally only.
+        keep_checkpoints: how many of the latest checkpoints to keep.
+        log_every: read the loss back from the device (a host sync) every this many steps, for
+            the progress bar.
+    """
 
     output_dir: str = "out/popup"
     epochs: int = 10
     batch_size: int = 128
-    """per process, per step"""
     lr: float = 0.1
     lr_reference_batch: int | None = None
-    """scale ``lr`` by global batch / this (the paper: 0.256 for 256); None keeps ``lr``"""
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -29,24 +62,21 @@ class TrainingArguments:
     label_smoothing: float = 0.0
     gradient_accumulation_steps: int = 1
     mixed_precision: str | None = None
-    """``"no"``, ``"bf16"`` or ``"fp16"``; None takes the accelerate config's"""
     max_train_steps: int | None = None
-    """stop (and checkpoint) after this many optimizer steps"""
     seed: int = 0
     resume: bool = False
     workers: int = 2
     eval_batch_size: int | None = None
     dataset_name: str | None = None
-    """recorded in the model card"""
     push_to_hub: str | None = None
     keep_checkpoints: int = 2
     log_every: int = 50
-    """read the loss back from the device (a host sync) every this many steps, for the bar"""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **fields: Any) -> TrainingArguments:
-        """From a recipe's parsed command line (see :func:`add_training_arguments`): every
-        attribute named like a field, then ``fields`` on top.
+        """From a recipe's parsed command line (see
+        [`add_training_arguments`][popup_adapter.training.add_training_arguments]): every attribute
+        named like a field, then ``fields`` on top.
 
         Args:
             args: the parsed command line.
@@ -70,7 +100,8 @@ class TrainingArguments:
 
 def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     """Add the command-line flags every recipe shares, with the recipe's own ``defaults``
-    (keyword names are the fields of :class:`TrainingArguments`).
+    (keyword names are the fields of
+    [`TrainingArguments`][popup_adapter.training.TrainingArguments]).
 
     Args:
         parser: the recipe's parser.

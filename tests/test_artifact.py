@@ -384,3 +384,46 @@ def test_importing_changes_no_umask_and_files_follow_it(tmp_path):
     assert done.stdout.strip() == str(0o027), done.stderr
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640
     assert list(tmp_path.iterdir()) == [tmp_path / "f"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("name", "features"),
+    [
+        ("test_resnet", {"out_indices": (1, 2)}),
+        ("test_resnet", {"feature_cls": "dict"}),
+        ("test_vit", {"img_size": 32, "out_indices": (1,)}),  # FeatureGetterNet
+    ],
+)
+def test_features_only_timm_model_rebuilds_from_its_artifact(tmp_path, name, features):
+    """A ``features_only`` wrapper has no classifier: the spec records the wrapper class and
+    the feature levels instead, and the artifact loads without ``model=``."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, features_only=True, **features)
+    popup = get_popup_model(model, k=0.5).eval()
+    popup.save_pretrained(tmp_path)
+    loaded = PopupModel.from_pretrained(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    expected, got = popup(x), loaded(x)
+    if isinstance(expected, dict):
+        assert list(got) == list(expected)
+        expected, got = list(expected.values()), list(got.values())
+    assert len(got) == len(expected) == len(model.feature_info.out_indices)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_keep_init_timm_artifact_asks_for_the_pretrained_weights(tmp_path):
+    """A timm spec records no source for pretrained weights: loading without ``model=`` says
+    what to pass instead of regenerating random weights that then mismatch."""
+    import timm
+
+    torch.manual_seed(0)
+    weights = timm.create_model("test_resnet", pretrained=False)  # stands for pretrained=True
+    popup = get_popup_model(weights, k=0.5, init="keep").eval()
+    popup.save_pretrained(tmp_path)
+    with pytest.raises(ArtifactError, match=r"init='keep'.*pass model=.*pretrained=True"):
+        PopupModel.from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PopupModel.from_pretrained(tmp_path, model=timm.create_model("test_resnet"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), popup(x))

@@ -1,10 +1,14 @@
-"""Every Python block in the docs runs: a page's blocks in order, in one namespace.
+"""Every Python block in the docs runs: a page's blocks in order, in one namespace. And every
+code block fits the site's text column (88 characters) and imports what it uses, so a reader can
+copy any one block after the page's earlier ones.
 
 An HTML comment before a block marks it: ``<!-- test: slow -->`` (pytest's ``slow`` marker) or
 ``<!-- test: skip (why) -->``. A page whose first line is ``<!-- test: hub -->`` runs in a fresh
 process against the test Hub server, since it pushes and downloads.
 """
 
+import ast
+import json
 import os
 import re
 import subprocess
@@ -18,6 +22,9 @@ from hub_server import HubServer
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"(?:<!-- test: (?P<mark>\w+)[^>]*-->\s*\n)?```python\n(?P<code>.*?)```", re.S)
 PAGES = sorted(DOCS.rglob("*.md"))
+FENCE = re.compile(r"^```(?P<lang>\w*)\n(?P<code>.*?)^```", re.S | re.M)
+#: what the text column shows of a code block at 1280 px, checked in a browser by check_site.py
+SNIPPET_COLUMNS = 88
 
 
 def blocks(page: Path, include_slow: bool) -> list[str]:
@@ -68,3 +75,60 @@ def test_docs_page_runs(page, include_slow, tmp_path, monkeypatch):
         assert result.returncode == 0, result.stderr[-4000:]
         return
     exec(compile(textwrap.dedent(code), str(page), "exec"), {"__name__": "__docs__"})
+
+
+def test_code_blocks_fit_the_column():
+    too_wide = [
+        f"{page.relative_to(DOCS)}: {line}"
+        for page in PAGES
+        for block in FENCE.finditer(page.read_text())
+        for line in block["code"].splitlines()
+        if len(line) > SNIPPET_COLUMNS
+    ]
+    assert too_wide == [], f"docs code lines wider than {SNIPPET_COLUMNS} columns"
+
+
+def _assigned_names(code: str) -> set[str]:
+    """Names a block defines for the blocks after it (not its imports: each block imports what
+    it uses itself)."""
+    names = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+    return names
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if "```python" in p.read_text()], ids=str)
+def test_every_python_block_imports_what_it_uses(page):
+    """ruff's undefined-name rule on each block alone, knowing only the variables (not the
+    imports) of the page's earlier blocks."""
+    earlier: set[str] = set()
+    problems = []
+    for code in blocks(page, include_slow=True):
+        config = f"builtins={json.dumps(sorted(earlier))}"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ruff",
+                "check",
+                "--isolated",
+                "--select",
+                "F821",
+                "--output-format",
+                "concise",
+                "--config",
+                config,
+                "--stdin-filename",
+                "block.py",
+                "-",
+            ],
+            input=code,
+            capture_output=True,
+            text=True,
+        )
+        problems += [line for line in result.stdout.splitlines() if "F821" in line]
+        earlier |= _assigned_names(code)
+    assert problems == [], f"{page.name}: a block uses a name it does not import: {problems}"

@@ -96,3 +96,17 @@ def test_the_table_counts_every_row_and_spells_out_each_note(rows, tmp_path):
     notes = text.split("## Notes", 1)[1]
     note = " ".join(rows["transformers:wav2vec2"].note.split())
     assert f"**transformers wav2vec2**: {note}" in notes
+
+
+def test_the_architectures_page_lists_what_passed_and_what_is_refused(rows, tmp_path):
+    page = tmp_path / "architectures.md"
+    command = "python -m popup_adapter.zoo --results out/zoo/results.jsonl --table x.md " * 2
+    zoo.write_architectures(list(rows.values()), page, command.strip())
+    text = page.read_text()
+    assert f"## {len(TIMM_SAMPLE)} timm families" in text
+    assert "`resnet`" in text and "`Wav2Vec2ForCTC (wav2vec2)`" in text
+    assert "| a model with unmerged PEFT adapters (LoRA, IA3, ...) | `AdapterError`" in text
+    assert "- **transformers wav2vec2**: " in text  # partly unmasked, said so
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert len(block) > 1 and all(len(line) <= 88 for line in block)
+    assert " ".join(line.rstrip(" \\").strip() for line in block) == command.strip()

@@ -17,7 +17,7 @@ import torch
 from . import __doc__ as _DOC
 from .cases import case_by_id, timm_families
 from .checks import Row, check_model, check_reload, finish, reload_artifacts
-from .table import write_table
+from .table import write_architectures, write_table
 from .transformers_configs import TRANSFORMERS
 
 
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformers", default="all", help="names, all or none")
     parser.add_argument("--results", default="out/zoo/results.jsonl", type=Path)
     parser.add_argument("--table", default=None, type=Path, help="write the Markdown table here")
+    parser.add_argument(
+        "--architectures", default=None, type=Path, help="write the supported-architectures page"
+    )
     parser.add_argument("--timeout", default=900, type=float, help="seconds per model")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--reload", nargs="+", type=Path, help=argparse.SUPPRESS)
@@ -108,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [done[key] for key in (":".join(c.split(":")[:2]) for c in case_ids) if key in done]
     passed = sum(row.result == "pass" for row in rows)
     print(f"{passed} of {len(rows)} passed")
+    command = ("python -m popup_adapter.zoo " + " ".join(argv or sys.argv[1:])).strip()
     if args.table:
-        command = "python -m popup_adapter.zoo " + " ".join(argv or sys.argv[1:])
-        write_table(rows, args.table, command.strip())
+        write_table(rows, args.table, command)
+    if args.architectures:
+        write_architectures(rows, args.architectures, command)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     return 0 if all(row.result in ("pass", "refused", "not run") for row in rows) else 1

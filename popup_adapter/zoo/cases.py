@@ -1,5 +1,5 @@
 """Which models the table checks: the smallest variant of every timm family and the
-transformers architectures of :data:`~popup_adapter.zoo.transformers_configs.TRANSFORMERS`,
+transformers architectures of `TRANSFORMERS`,
 each with the smallest input its plain version accepts."""
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def timm_case(family: str, name: str) -> Case:
         name: the model.
 
     Returns:
-        The :class:`Case`; its ``inputs`` raise :class:`NotRun` when the plain model accepts no
+        The `Case`; its ``inputs`` raise `NotRun` when the plain model accepts no
         tried size.
     """
     import timm
@@ -119,13 +119,13 @@ def timm_case(family: str, name: str) -> Case:
 
 
 def transformers_case(name: str) -> Case:
-    """The transformers architecture ``name`` of :data:`TRANSFORMERS`, from its tiny config.
+    """The transformers architecture ``name`` of `TRANSFORMERS`, from its tiny config.
 
     Args:
-        name: a key of :data:`TRANSFORMERS`.
+        name: a key of `TRANSFORMERS`.
 
     Returns:
-        The :class:`Case`; its ``inputs`` raise :class:`NotRun` when the plain model does not
+        The `Case`; its ``inputs`` raise `NotRun` when the plain model does not
         run on them.
     """
     import transformers
@@ -155,7 +155,7 @@ def case_by_id(case_id: str) -> Case:
         case_id: the case's id.
 
     Returns:
-        The :class:`Case`.
+        The `Case`.
     """
     library, name, *model = case_id.split(":")
     return timm_case(name, model[0]) if library == "timm" else transformers_case(name)

@@ -165,7 +165,7 @@ def _save_and_merge(model, inputs, folder: Path, row: Row, notes: list[str]) -> 
 
 
 def check_model(case: Case, folder: Path) -> Row:
-    """Adapt, train one step, count, merge, and save into ``folder`` for :func:`check_reload`.
+    """Adapt, train one step, count, merge, and save into ``folder`` for `check_reload`.
 
     Args:
         case: the model to check.
@@ -205,7 +205,7 @@ def reload_artifacts(folders: list[Path]) -> dict[str, str]:
     the saved input; ``{folder: "ok" or what went wrong}``.
 
     Args:
-        folders: artifact folders written by :func:`check_model`.
+        folders: artifact folders written by `check_model`.
 
     Returns:
         ``{folder: "ok" or the reason}``.
@@ -228,14 +228,14 @@ def reload_artifacts(folders: list[Path]) -> dict[str, str]:
 
 
 def check_reload(folders: list[Path], timeout: float = 1800) -> dict[str, str]:
-    """:func:`reload_artifacts` in a fresh Python process (nothing cached from the save).
+    """`reload_artifacts` in a fresh Python process (nothing cached from the save).
 
     Args:
-        folders: artifact folders written by :func:`check_model`.
+        folders: artifact folders written by `check_model`.
         timeout: seconds the fresh process may take.
 
     Returns:
-        As :func:`reload_artifacts`; every folder gets the process's error if it died.
+        As `reload_artifacts`; every folder gets the process's error if it died.
     """
     if not folders:
         return {}
@@ -252,8 +252,8 @@ def finish(row: Row, reload_result: str | None) -> Row:
     """Fold the fresh-process reload into a row that passed the in-process checks.
 
     Args:
-        row: a row from :func:`check_model`.
-        reload_result: its folder's result from :func:`check_reload` (None: not reloaded).
+        row: a row from `check_model`.
+        reload_result: its folder's result from `check_reload` (None: not reloaded).
 
     Returns:
         The final row.

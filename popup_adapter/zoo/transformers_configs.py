@@ -257,7 +257,7 @@ def transformers_inputs(kind: str, generator: torch.Generator) -> dict[str, torc
     """A batch of two for a model of input ``kind``, drawn from ``generator``.
 
     Args:
-        kind: ``"text"``, ``"seq2seq"``, ``"image"``... (see :data:`TRANSFORMERS`).
+        kind: ``"text"``, ``"seq2seq"``, ``"image"``... (see `TRANSFORMERS`).
         generator: the random source.
 
     Returns:
