@@ -1,16 +1,19 @@
-"""Build the docs site, open every page in headless Chromium, and fail on what a reader would see.
+"""Build the docs site, open every page in headless Chromium, and fail on what a reader
+would see.
 
-    python docs/check_site.py                        # build, check, screenshots in out/site-check
-    python docs/check_site.py --screenshots DIR      # elsewhere
-    python docs/check_site.py --site DIR             # check an already built site
+    python docs/check_site.py                    # build, check, shots in out/site-check
+    python docs/check_site.py --screenshots DIR  # elsewhere
+    python docs/check_site.py --site DIR         # check an already built site
 
-``mkdocs build --strict`` catches broken links and unresolved references; this catches what only
-a browser shows, at 1280 px wide: a console error, an image that did not load, a request that
-leaves 127.0.0.1 (a CDN the page depends on), a code block, table or formula wider than its
-column, text under a code block's copy button, and Markdown or Sphinx-role syntax printed as
-text. Each page is saved as a full-page screenshot, to look at.
+``mkdocs build --strict`` catches broken links and unresolved references; this
+catches what only a browser shows, at 1280 px wide: a console error, an image that
+did not load, a request that leaves 127.0.0.1 (a CDN the page depends on), a code
+block, table or formula wider than its column, text under a code block's copy
+button, and Markdown or Sphinx-role syntax printed as text. Each page is saved as a
+full-page screenshot, to look at.
 
-Needs Chromium and its WebDriver (Debian: ``chromium``, ``chromium-driver``) and ``selenium``.
+Needs Chromium and its WebDriver (Debian: ``chromium``, ``chromium-driver``) and
+``selenium``.
 """
 
 from __future__ import annotations
@@ -48,12 +51,17 @@ PAGE_PROBLEMS_JS = r"""
 const problems = [];
 const article = document.querySelector("article");
 const column = article.getBoundingClientRect();
-const where = (el) => (el.textContent || el.outerHTML).trim().replace(/\s+/g, " ").slice(0, 60);
+const where = (el) =>
+  (el.textContent || el.outerHTML).trim().replace(/\s+/g, " ").slice(0, 60);
 for (const img of document.images) {
-  if (!img.complete || img.naturalWidth === 0) problems.push(`image not loaded: ${img.src}`);
+  if (!img.complete || img.naturalWidth === 0) {
+    problems.push(`image not loaded: ${img.src}`);
+  }
 }
 for (const entry of performance.getEntriesByType("resource")) {
-  if (!entry.name.startsWith(location.origin)) problems.push(`fetched from outside: ${entry.name}`);
+  if (!entry.name.startsWith(location.origin)) {
+    problems.push(`fetched from outside: ${entry.name}`);
+  }
 }
 for (const code of article.querySelectorAll("pre > code")) {
   if (code.scrollWidth > code.clientWidth + 1) {
@@ -76,8 +84,9 @@ for (const code of article.querySelectorAll("pre > code")) {
 for (const el of article.querySelectorAll("table, math[display=block], img, svg")) {
   const r = el.getBoundingClientRect();
   if (r.right > column.right + 1 || r.left < column.left - 1) {
-    problems.push(`${el.tagName.toLowerCase()} wider than the column (${Math.round(r.width)} > ` +
-                  `${Math.round(column.width)} px): ${where(el)}`);
+    const widths = `${Math.round(r.width)} > ${Math.round(column.width)} px`;
+    problems.push(`${el.tagName.toLowerCase()} wider than the column (${widths}): ` +
+                  where(el));
   }
 }
 const text = article.cloneNode(true);
@@ -118,7 +127,12 @@ def pages(site: Path) -> list[str]:
 def browser(chromium: str, driver: str) -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+    ):
         options.add_argument(flag)
     options.add_argument(f"--window-size={WIDTH},900")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -154,10 +168,14 @@ def check_page(chrome: webdriver.Chrome, url: str, screenshot: Path) -> list[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--site", type=Path, help="an already built site (default: build one)")
+    parser.add_argument(
+        "--site", type=Path, help="an already built site (default: build one)"
+    )
     parser.add_argument("--screenshots", type=Path, default=Path("out/site-check"))
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
-    parser.add_argument("--driver", default=shutil.which("chromedriver") or "chromedriver")
+    parser.add_argument(
+        "--driver", default=shutil.which("chromedriver") or "chromedriver"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as built:
         site = args.site or Path(built)

@@ -1,8 +1,9 @@
-"""MkDocs hook: the formulas that ``pymdownx.arithmatex`` (generic mode) set apart, rendered to
-MathML when the site is built.
+"""MkDocs hook: the formulas that ``pymdownx.arithmatex`` (generic mode) set apart,
+rendered to MathML when the site is built.
 
-Browsers draw MathML themselves, so a formula needs no script and nothing fetched from a CDN:
-the page reads the same offline. ``$x$`` is inline, ``$$x$$`` (or ``\\[x\\]``) a display block.
+Browsers draw MathML themselves, so a formula needs no script and nothing fetched from a
+CDN: the page reads the same offline. ``$x$`` is inline, ``$$x$$`` (or ``\\[x\\]``) a
+display block.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from latex2mathml.converter import convert
 #: arithmatex's generic output: ``<span class="arithmatex">\(x\)</span>`` inline,
 #: ``<div class="arithmatex">\[x\]</div>`` for a block
 _MATH = re.compile(
-    r'<(?P<tag>span|div) class="arithmatex">\s*\\[(\[](?P<tex>.*?)\\[)\]]\s*</(?P=tag)>', re.S
+    r'<(?P<tag>span|div) class="arithmatex">'
+    r"\s*\\[(\[](?P<tex>.*?)\\[)\]]\s*"
+    r"</(?P=tag)>",
+    re.S,
 )
 
 

@@ -41,7 +41,13 @@ def draw_column(ax, steps, x, colour, title):
         y = top - (i + 1) * (height + gap) + gap
         ax.add_patch(
             FancyBboxPatch(
-                (x, y), width, height, boxstyle="round,pad=0.03", fc=colour, ec="#37474f", lw=1.2
+                (x, y),
+                width,
+                height,
+                boxstyle="round,pad=0.03",
+                fc=colour,
+                ec="#37474f",
+                lw=1.2,
             )
         )
         ax.text(x + 0.15, y + height / 2, what, va="center", fontsize=10.5)
