@@ -1,14 +1,17 @@
-"""Eval-mode inference of a masked model against the same model merged, and against dense.
+"""Eval-mode inference of a masked model, the same mask served (loaded for inference) and
+merged, against dense.
 
     python benchmarks/inference.py [--models resnet18,resnet50,vit,bert,gpt2] [--rounds 7]
     python benchmarks/inference.py --memory [--models resnet50]  # each variant in its own process
 
 In eval mode a masked layer selects its mask and writes ``W * M`` in one fused pass per
-forward, freed after the layer ran (nothing is cached). The masked model, the same model merged
-(``merge_and_unload``) and the dense one are timed interleaved in one process under
+forward, freed after the layer ran (nothing is cached). "served" is the mask saved and loaded
+back with ``PopupModel.from_pretrained`` (``is_trainable=False``: merged in place, the mask
+bit-packed, no scores), still a PopupModel; "merged" is ``merge_and_unload()``, the plain
+model. They and the dense model are timed interleaved in one process under
 ``torch.inference_mode`` (medians, min-max spread).
 
-With ``--memory``, the masked and the merged model each run in a fresh process: the resident
+With ``--memory``, each variant runs in a fresh process: the resident
 memory the built model holds (RSS after building, freed memory returned with ``malloc_trim``,
 minus RSS after imports) and what three eval
 forwards add on top of it (peak RSS during them, the peak counter reset after building, minus
@@ -25,6 +28,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import build
 
-from popup_adapter import get_popup_model
+from popup_adapter import PopupModel, get_popup_model
 
 
 def _status_mb(field: str) -> float:
@@ -43,11 +47,20 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def served(model: PopupModel) -> PopupModel:
+    """``model``'s mask as a user serves it: saved, and loaded for inference."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return PopupModel.from_pretrained(folder)
+
+
 def memory_child(name: str, variant: str) -> None:
     after_imports = _status_mb("VmRSS")
     model = get_popup_model(build(name)[0], k=0.5).eval()
     if variant == "merged":
         model = model.merge_and_unload().eval()
+    elif variant == "served":
+        model = served(model)
     inputs = build(name)[1]()[0]
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed memory (the draws, merged scores) back
@@ -75,19 +88,20 @@ def memory(models: list[str], threads: int) -> None:
     print("resident model memory and what 3 eval forwards add, each variant in its own process")
     for name in models:
         row = {}
-        for variant in ("masked", "merged"):
+        for variant in ("masked", "served", "merged"):
             command = [sys.executable, __file__, "--child", name, variant]
             command += ["--threads", str(threads)]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             row[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        m, g = row["masked"], row["merged"]
-        print(
-            f"{name:<9} built: masked {m['model_mb']:.0f} MB, merged {g['model_mb']:.0f} MB | "
-            f"after 3 eval forwards: masked {m['resident_mb']:.0f} MB, merged "
-            f"{g['resident_mb']:.0f} MB ({m['resident_mb'] / g['resident_mb']:.2f}x) | peak: "
-            f"masked {m['peak_mb']:.0f} MB, merged {g['peak_mb']:.0f} MB "
-            f"({m['peak_mb'] / g['peak_mb']:.2f}x)"
-        )
+        g = row["merged"]
+        for variant in ("masked", "served"):
+            m = row[variant]
+            print(
+                f"{name:<9} {variant}/merged built: {m['model_mb']:.0f}/{g['model_mb']:.0f} MB | "
+                f"after 3 eval forwards: {m['resident_mb']:.0f}/{g['resident_mb']:.0f} MB "
+                f"({m['resident_mb'] / g['resident_mb']:.2f}x) | peak: "
+                f"{m['peak_mb']:.0f}/{g['peak_mb']:.0f} MB ({m['peak_mb'] / g['peak_mb']:.2f}x)"
+            )
 
 
 def main() -> None:
@@ -112,7 +126,8 @@ def main() -> None:
         masked = get_popup_model(build(name)[0], k=0.5).eval()
         merged = copy.deepcopy(masked).merge_and_unload().eval()
         inputs = make_batch()[0]
-        models = {"masked": masked, "merged": merged, "dense": dense.eval()}
+        dense.eval()
+        models = {"masked": masked, "served": served(masked), "merged": merged, "dense": dense}
         times: dict[str, list[float]] = {key: [] for key in models}
         with torch.inference_mode():
             for model in models.values():  # warm-up
@@ -125,11 +140,10 @@ def main() -> None:
                     times[key].append((time.perf_counter() - start) / args.steps)
         med = {key: statistics.median(values) for key, values in times.items()}
         spread = {key: f"{min(v) * 1e3:.0f}-{max(v) * 1e3:.0f}" for key, v in times.items()}
+        timings = ", ".join(f"{k} {med[k] * 1e3:.1f} ms ({spread[k]})" for k in models)
         print(
-            f"{name:<9} masked {med['masked'] * 1e3:7.1f} ms ({spread['masked']}), merged "
-            f"{med['merged'] * 1e3:7.1f} ms ({spread['merged']}), dense "
-            f"{med['dense'] * 1e3:7.1f} ms ({spread['dense']}) | masked/merged "
-            f"{med['masked'] / med['merged']:.3f}x, "
+            f"{name:<9} {timings} | masked/merged {med['masked'] / med['merged']:.3f}x, "
+            f"served/merged {med['served'] / med['merged']:.3f}x, "
             f"masked/dense {med['masked'] / med['dense']:.3f}x"
         )
 

@@ -186,7 +186,6 @@ def seed_base(
     masked = set(masked)
     fresh = _FreshValues(reference)
     std = getattr(getattr(model, "config", None), "initializer_range", _DEFAULT_EMBEDDING_STD)
-    layer_init = "signed_constant" if config.init == "keep" else config.init
     owners: dict[int, list[tuple[str, nn.Module, str]]] = defaultdict(list)
     params: dict[int, nn.Parameter] = {}
     for module_name, module in model.named_modules():
@@ -194,13 +193,12 @@ def seed_base(
             full = f"{module_name}.{leaf}" if module_name else leaf
             owners[id(param)].append((full, module, leaf))
             params[id(param)] = param
-    reseeded = config.reseed_modules or []
     with torch.no_grad():
         for pid, users in owners.items():
             param = params[pid]
             param.requires_grad_(False)
             name, module, leaf = min(users, key=lambda user: user[0])
-            if config.init == "keep" and not is_inside(name, reseeded):
+            if not is_drawn(config, name):
                 continue
             layer_users = [
                 (full, mod)
@@ -209,10 +207,7 @@ def seed_base(
             ]
             if layer_users:
                 layer_name, layer_module = min(layer_users, key=lambda user: user[0])
-                fan_in = masked_fan_in(layer_module, param)
-                if config.scale_fan and layer_name in masked:
-                    fan_in *= config.k
-                value = init_values(layer_init, config.seed, name, param.shape, fan_in)
+                value = layer_weight(config, name, layer_module, param, layer_name in masked)
             elif is_norm_module(module):
                 value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
             elif leaf == "bias":
@@ -228,6 +223,44 @@ def seed_base(
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.reset_running_stats()
+
+
+def is_drawn(config: PopupConfig, name: str) -> bool:
+    """Whether `seed_base` draws the tensor ``name`` from the seed (else it is the weight
+    passed in: a pretrained base's, under ``init="keep"``).
+
+    Args:
+        config: the backbone's config.
+        name: the tensor's name in the plain model.
+
+    Returns:
+        True when the seed alone decides its value.
+    """
+    return config.init != "keep" or is_inside(name, config.reseed_modules or [])
+
+
+def layer_weight(
+    config: PopupConfig, name: str, module: nn.Module, weight: torch.Tensor, masked: bool
+) -> torch.Tensor:
+    """The value `seed_base` draws for a layer's weight: ``config.init`` with its fan-in
+    (times k for a masked tensor with ``scale_fan``); reseeded modules of an ``init="keep"``
+    base are signed-constant. Also what an in-place merge regenerates its weight from.
+
+    Args:
+        config: the backbone's config.
+        name: the tensor's name in the plain model.
+        module: the layer that owns it.
+        weight: the tensor (for its shape and fan-in).
+        masked: whether it is masked.
+
+    Returns:
+        A float32 tensor shaped like ``weight``.
+    """
+    layer_init = "signed_constant" if config.init == "keep" else config.init
+    fan_in = masked_fan_in(module, weight)
+    if config.scale_fan and masked:
+        fan_in *= config.k
+    return init_values(layer_init, config.seed, name, weight.shape, fan_in)
 
 
 def _is_constant(tensor: torch.Tensor) -> bool:

@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -84,6 +85,12 @@ class PopupLayer(nn.Module):
         self.popup_selection: dict[str, list[SelectionState]] = {}
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        #: the adapter whose ``W * M`` the layer holds since `merge` (PEFT's ``merged``)
+        self.merged_adapter: str | None = None
+        #: that adapter's mask, bit-packed (numpy ``packbits``, CPU): what a merge keeps of it
+        self.packed_mask: np.ndarray | None = None
+        #: ``W * M`` when it could not be written over W (a shared or irreplaceable base)
+        self.merged_weight: torch.Tensor | None = None
         #: the fused CPU kernels setting when this layer was built (see popup_adapter.kernels)
         self.use_kernels = use_kernels()
         if self.use_kernels:
@@ -201,7 +208,18 @@ class PopupLayer(nn.Module):
                 f"({tuple(scores.shape)}, keeping {kept} in each of {self.num_masks} masks)"
             )
         with torch.no_grad():
-            scores.copy_(mask.to(scores.device, scores.dtype) / math.sqrt(self.fan_in))
+            scores.copy_(self.scores_for_mask(mask).to(scores.device, scores.dtype))
+
+    def scores_for_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The scores a loaded mask gets: kept weights 1/sqrt(fan_in), the others 0.
+
+        Args:
+            mask: bool, shaped like the weight.
+
+        Returns:
+            float32 scores whose top-k is ``mask``.
+        """
+        return mask.float() / math.sqrt(self.fan_in)
 
     def get_mask(self, adapter_name: str | None = None) -> torch.Tensor:
         """The current mask of an adapter.
@@ -213,10 +231,23 @@ class PopupLayer(nn.Module):
             A bool tensor shaped like the weight (a sharded score is gathered whole first).
         """
         adapter_name = adapter_name or self.active_adapter
+        if adapter_name == self.merged_adapter:
+            return self.unpacked_mask().to(self.base_weight.device)
         scores = whole_tensor(self.popup_scores[adapter_name])  # the mask is per whole layer
         kept = self.popup_kept[adapter_name]
         masks = [topk_mask(part, kept) for part in self._per_mask(scores)]
         return torch.stack(masks) if self.per_expert else masks[0]
+
+    # -- merged (see popup_adapter.merging)
+    def unpacked_mask(self) -> torch.Tensor:
+        """The merged adapter's mask, from its packed bits.
+
+        Returns:
+            A bool CPU tensor shaped like the weight.
+        """
+        shape = self.base_weight.shape
+        bits = np.unpackbits(self.packed_mask, count=math.prod(shape)).view(bool)
+        return torch.from_numpy(bits.reshape(shape))
 
     # -- the forward
     def effective_weight(self) -> torch.Tensor:
@@ -235,6 +266,9 @@ class PopupLayer(nn.Module):
         adapter, weight = self.active_adapter, self.base_weight
         if self.disable_adapters or adapter is None:
             return weight
+        if adapter == self.merged_adapter:
+            self._check_not_training()
+            return weight if self.merged_weight is None else self.merged_weight
         scores, kept = self.popup_scores[adapter], self.popup_kept[adapter]
         states = self.popup_selection[adapter]
         fused = self.use_kernels
@@ -278,6 +312,9 @@ class PopupLayer(nn.Module):
         """
         if self.disable_adapters or self.active_adapter is None:
             return self.base_layer(*args, **kwargs)
+        if self.merged_adapter is not None and self.merged_weight is None:
+            self._check_not_training()
+            return self.base_layer(*args, **kwargs)  # W * M is the weight: the plain forward
         if self._computes_itself(args, kwargs):
             # W * M feeds exactly one operation here: its gradient buffer may be reused in place
             return self.forward_with_weight(args[0], self._effective_weight(single_use=True))
@@ -287,6 +324,19 @@ class PopupLayer(nn.Module):
             module = module.base_layer
         swapped = {".".join(path): self._effective_weight(single_use=False)}
         return functional_call(self.base_layer, swapped, args, kwargs, strict=False)
+
+    def _check_not_training(self) -> None:
+        scores = self.popup_scores.get(self.merged_adapter)
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and scores is not None
+            and scores.requires_grad
+        ):
+            raise AdapterError(
+                f"adapter {self.merged_adapter!r} is merged (merge_adapter): its scores would "
+                "get no gradient. Call unmerge_adapter() before training"
+            )
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """What a base layer of one of ``computed_types`` computes, with ``weight`` as its own.

@@ -19,6 +19,7 @@ from .config import PopupConfig
 from .errors import AdapterError, AlreadyAdaptedError
 from .injection import base_name, inject_wrappers, is_wrapper
 from .layers import PopupLayer
+from .merging import MergeMixin
 from .multi_adapter import MultiAdapterMixin
 from .pretrained import PretrainedMixin
 from .seeding import fingerprint
@@ -76,7 +77,7 @@ def get_popup_model(
     return PopupModel(model, config, adapter_name, base_kwargs=base_kwargs)
 
 
-class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
+class PopupModel(MultiAdapterMixin, MergeMixin, PretrainedMixin, nn.Module):
     """A model whose Linear/Conv layers use ``W * M``, M chosen by learned scores.
 
     The random base is drawn from ``config.seed`` when the model is built (see
@@ -137,6 +138,8 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
         self.active_adapter = adapter_name
         #: every inactive adapter's BatchNorm statistics (and trained norms)
         self._bank = AdapterBank(self._shared_tensors)
+        #: the base's fingerprint while an adapter is merged into its weights (merge_adapter)
+        self._merged_fingerprint: str | None = None
 
         if targets is not None:
             check_stored_targets(model, targets, config.modules_to_save or [], "the artifact")
@@ -239,4 +242,6 @@ class PopupModel(MultiAdapterMixin, PretrainedMixin, nn.Module):
         Returns:
             64 hex digits.
         """
+        if self._merged_fingerprint is not None:  # the weights hold W * M now
+            return self._merged_fingerprint
         return fingerprint((name, whole_tensor(t)) for name, t in self.base_state().items())

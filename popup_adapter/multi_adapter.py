@@ -1,12 +1,13 @@
-"""How adapters live on one backbone: what each owns, switching, adding, deleting, and how
-they come back out (merged or unloaded).
+"""How adapters live on one backbone: what each owns, switching, adding, deleting (merging
+and unloading are `popup_adapter.merging`'s).
 
 `MultiAdapterMixin` is the tuner half of [`PopupModel`][popup_adapter.PopupModel] (PEFT's
 tuners have the same methods): the masks are in the masked layers, the ``modules_to_save``
 copies in their wrappers, and every inactive adapter's BatchNorm statistics and trained norms
 in an `AdapterBank`. It relies on the host model for
 ``base_model``, ``peft_config``, ``active_adapter``, ``targets``, ``coverage``, ``_bank``,
-``_initial_norms`` and ``_masked_layers``.
+``_initial_norms`` and ``_masked_layers``, and on `MergeMixin`'s ``unmerge_adapter``: every
+change of adapters, and reading the base, unmerges first.
 """
 
 from __future__ import annotations
@@ -31,12 +32,8 @@ from .errors import AdapterError, ArtifactError
 from .injection import (
     base_name,
     is_wrapper,
-    replace_wrappers,
-    tied_parameter_ids,
     unwrapped_view,
-    wrapped_module,
 )
-from .layers import PopupLayer
 from .seeding import score_values
 from .targets import MaskTarget, resolve_targets
 
@@ -134,6 +131,8 @@ class MultiAdapterMixin:
             adapter_name: whose (default: the active adapter; only the active one trains).
         """
         adapter_name = adapter_name or self.active_adapter
+        if is_trainable:
+            self.unmerge_adapter()
         if adapter_name == self.active_adapter:
             for key, value in self.named_parameters():
                 if adapter_parameter_owner(key) == adapter_name:
@@ -166,6 +165,7 @@ class MultiAdapterMixin:
         """
         if adapter_name in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} exists already; delete_adapter it first")
+        self.unmerge_adapter()
         first = self._backbone_config
         if config.base_defining() != first.base_defining():
             raise AdapterError(
@@ -203,6 +203,8 @@ class MultiAdapterMixin:
         """
         self._check_adapter(adapter_name)
         previous = self.active_adapter
+        if previous != adapter_name:
+            self.unmerge_adapter()
         if previous != adapter_name and previous in self.peft_config:
             self._bank.switch(previous, adapter_name)
         self.active_adapter = adapter_name
@@ -226,6 +228,7 @@ class MultiAdapterMixin:
             raise AdapterError(
                 "cannot delete the only adapter; use unload() to get the plain model"
             )
+        self.unmerge_adapter()
         del self.peft_config[adapter_name]
         for module in self._wrappers():
             module.delete_adapter(adapter_name)
@@ -242,9 +245,10 @@ class MultiAdapterMixin:
         """Run the dense random (or pretrained) base, every weight used, inside this block.
 
         Yields:
-            None: the block runs with every layer's full base weight, and the active adapter
-            comes back after it.
+            Nothing: the block runs with every layer's full base weight, and the active
+            adapter comes back after it.
         """
+        self.unmerge_adapter()
         wrappers = self._wrappers()
         for module in wrappers:
             module.disable_adapters = True
@@ -315,6 +319,7 @@ class MultiAdapterMixin:
             ``{plain-model name: tensor}``, without BatchNorm statistics, ``modules_to_save``
             and trained norms (trained, so stored).
         """
+        self.unmerge_adapter()
         stored = self._trained_roots()
         state = {}
         for name, tensor in self.base_model.state_dict(keep_vars=True).items():
@@ -353,40 +358,3 @@ class MultiAdapterMixin:
         for module in self.base_model.modules():
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name)
-
-    # -- summaries
-    # -- back to a plain model
-    def merge_and_unload(self) -> nn.Module:
-        """The plain model with the active mask baked in (``W * M``), giving identical outputs.
-
-        A masked weight that was tied to another module (GPT-2's ``lm_head`` and ``wte``) gets a
-        parameter of its own, since only one of the two users was masked; the model's config is
-        told (``tie_word_embeddings = False``) so that saving and reloading it keeps them apart.
-
-        Returns:
-            The plain model (this PopupModel's ``base_model``, unwrapped in place).
-        """
-        tied = tied_parameter_ids(self.base_model)
-        untied = any(id(layer.base_weight) in tied for _, layer in self._masked_layers())
-        adapter = self.active_adapter
-        replace_wrappers(
-            self.base_model,
-            lambda module: (
-                module.merged_base_layer(adapter)
-                if isinstance(module, PopupLayer)
-                else module.modules_to_save[adapter]
-            ),
-        )
-        config = getattr(self.base_model, "config", None)
-        if untied and getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
-        return self.base_model
-
-    def unload(self) -> nn.Module:
-        """The plain model with the original layers back, masks dropped.
-
-        Returns:
-            The dense base (this PopupModel's ``base_model``, unwrapped in place).
-        """
-        replace_wrappers(self.base_model, wrapped_module)
-        return self.base_model

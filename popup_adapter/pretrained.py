@@ -217,7 +217,9 @@ class PretrainedMixin:
                 records, or from ``base_model_name_or_path``).
             revision: a branch, tag or commit of the Hub repo.
             adapter_name: the name the mask gets.
-            is_trainable: keep the scores trainable (default: frozen, eval mode).
+            is_trainable: keep the scores trainable (default: frozen, eval mode, and the
+                mask merged into the weights: see
+                [`merge_adapter`][popup_adapter.PopupModel.merge_adapter]).
             base_model_name_or_path: where the pretrained weights of an ``init="keep"``
                 artifact are (a folder or a Hub id), when the recorded source is not at hand.
             check_structure: False skips the structure check alone (for an artifact saved
@@ -253,6 +255,8 @@ class PretrainedMixin:
         )
         popup._load_artifact(artifact, adapter_name)
         popup.set_trainable(is_trainable)
+        if not is_trainable:  # served at the plain model's speed and memory
+            popup._merge(artifact.base_fingerprint)
         return popup
 
     def load_adapter(

@@ -34,6 +34,11 @@ RUNS = {
     "head only": ["--mode", "head"],
     "LoRA r=1, all linear": ["--mode", "lora", "--lora-r", "1", "--peft-targets", "all-linear"],
     "mask k=0.5": ["--mode", "mask", "--k", "0.5"],
+    # making masks competitive: fewer layers (as LoRA chooses its targets), the learning rate
+    "mask k=0.99, attention": ["--mode", "mask", "--k", "0.99", "--mask-targets", "attention"],
+    "mask k=0.9, attention": ["--mode", "mask", "--k", "0.9", "--mask-targets", "attention"],
+    "mask k=0.99, lr 3e-3": ["--mode", "mask", "--k", "0.99", "--lr", "3e-3"],
+    "mask k=0.99, lr 3e-4": ["--mode", "mask", "--k", "0.99", "--lr", "3e-4"],
 }
 
 

@@ -43,7 +43,8 @@ MODE_DEFAULTS = {
     "vera": (5e-3, 0.0),
 }
 PEFT_MODES = ("lora", "ia3", "vera")
-#: ``--peft-targets``: BERT's attention projections, or every linear layer (PEFT's shorthand)
+#: ``--peft-targets`` / ``--mask-targets``: BERT's attention projections, or every linear
+#: layer (PEFT's shorthand; for a mask, the default rules: every Linear but the classifier)
 PEFT_TARGETS = {"attention": ["query", "key", "value"], "all-linear": "all-linear"}
 
 
@@ -110,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(PEFT_TARGETS),
         help="layers PEFT's methods adapt (--mode lora/vera)",
     )
+    parser.add_argument(
+        "--mask-targets",
+        default="all-linear",
+        choices=sorted(PEFT_TARGETS),
+        help="layers a mask covers (--mode mask): every Linear, or the attention projections",
+    )
     parser.add_argument("--dataset", default=None, help="a datasets name (text/label columns)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-limit", type=int, default=None)
@@ -152,9 +159,11 @@ def build_model(args, num_labels: int):
     if args.mode in PEFT_MODES:
         return peft_model(model, args)
     init = "signed_constant" if args.random else "keep"
+    targets = PEFT_TARGETS[args.mask_targets]
     return get_popup_model(
         model,
         k=args.k,
+        target_modules=None if targets == "all-linear" else targets,
         init=init,
         seed=args.seed,
         modules_to_save=["classifier"],

