@@ -245,7 +245,7 @@ class MultiAdapterMixin:
         """Run the dense random (or pretrained) base, every weight used, inside this block.
 
         Yields:
-            Nothing: the block runs with every layer's full base weight, and the active
+            Nothing; the block runs with every layer's full base weight, and the active
             adapter comes back after it.
         """
         self.unmerge_adapter()

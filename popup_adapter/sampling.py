@@ -47,7 +47,7 @@ def seeded_rngs(seed: int, device: torch.device | None = None) -> Iterator[None]
         device: also fork this CUDA device's generator (CPU's always is).
 
     Yields:
-        Nothing: the block draws from the seeded generators.
+        Nothing; the block draws from the seeded generators.
     """
     devices = [device] if device is not None and device.type == "cuda" else []
     python_state, numpy_state = random.getstate(), np.random.get_state()

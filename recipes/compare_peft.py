@@ -42,6 +42,10 @@ RUNS = {
 }
 
 
+#: which family a run belongs to, by how its name starts (the figure's colours)
+KINDS = {"mask": ("mask",), "PEFT": ("LoRA", "IA3", "VeRA"), "dense": ("full", "head")}
+
+
 def run_missing(root: Path, seeds: list[int], epochs: int) -> None:
     """Run every (run, seed) without a ``run.json`` yet, one after the other."""
     for seed in seeds:
@@ -94,33 +98,38 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def figure(results: dict[str, list[dict]], out: Path) -> None:
+    """Accuracy against published bytes, one numbered point per method (min-max over seeds as
+    error bars), the numbers named in a legend beside the plot: names written at the points
+    overlap where methods cluster."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, reports in results.items():
+    fig, ax = plt.subplots(figsize=(10, 5))
+    styles = {"mask": ("o", "#c62828"), "PEFT": ("s", "#1565c0"), "dense": ("^", "#2e7d32")}
+    for number, (name, reports) in enumerate(results.items(), start=1):
         top1 = [100 * r["top1"] for r in reports]
-        kind = "mask" if name.startswith("mask") else "dense" if "fine" in name else "peft"
-        style = {"mask": ("o", "#c62828"), "peft": ("s", "#1565c0"), "dense": ("^", "#2e7d32")}
-        marker, colour = style[kind]
-        x = published(reports[0])
+        mean, x = statistics.mean(top1), published(reports[0])
+        kind = next(k for k, words in KINDS.items() if name.startswith(words))
+        marker, colour = styles[kind]
         ax.errorbar(
             x,
-            statistics.mean(top1),
-            yerr=[[statistics.mean(top1) - min(top1)], [max(top1) - statistics.mean(top1)]],
+            mean,
+            yerr=[[mean - min(top1)], [max(top1) - mean]],
             fmt=marker,
             color=colour,
             capsize=3,
+            label=f"{number}  {name}",
         )
-        ax.annotate(name, (x, statistics.mean(top1)), textcoords="offset points", xytext=(6, 4))
+        ax.annotate(str(number), (x, mean), textcoords="offset points", xytext=(5, 3), fontsize=9)
     ax.set_xscale("log")
-    ax.margins(x=0.2, y=0.1)
+    ax.margins(x=0.15, y=0.1)
     ax.set_xlabel("bytes to publish (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("all-MiniLM-L6-v2 on Rotten Tomatoes: masks (red), PEFT (blue), dense (green)")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False)
     fig.savefig(out, dpi=110, bbox_inches="tight")
 
 

@@ -266,3 +266,33 @@ def test_sweep_writes_table_and_figure_and_resumes(tmp_path):
         "conv2-0.25-kaiming_normal_scaled-0.7-0-0.1-1",
     ]  # only the new runs
     assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == 7
+
+
+def test_comparison_report_of_finished_runs(tmp_path):
+    """compare_peft --report-only: a row per finished run (mean and spread over seeds, the
+    head-only run counted by its trained tensors), and the figure."""
+    runs = {
+        ("mask-k-0-99", 0): {"mode": "mask", "top1": 0.80, "published_bytes": 157_634},
+        ("mask-k-0-99", 1): {"mode": "mask", "top1": 0.82, "published_bytes": 157_634},
+        ("head-only", 0): {"mode": "head", "top1": 0.69, "published_bytes": 90_000_000},
+    }
+    for (name, seed), report in runs.items():
+        folder = tmp_path / name / f"seed{seed}"
+        folder.mkdir(parents=True)
+        report |= {"trainable_parameters": 1000, "train_seconds": 10.0}
+        (folder / "run.json").write_text(json.dumps(report))
+    figure = tmp_path / "figure.png"
+    out = run(
+        [
+            sys.executable,
+            str(RECIPES / "compare_peft.py"),
+            "--root",
+            str(tmp_path),
+            "--report-only",
+            "--figure",
+            str(figure),
+        ]
+    )
+    assert "| mask k=0.99 | 81.00% (80.00-82.00) | 2 | 1,000 | 157,634 | 10 |" in out
+    assert "| head only | 69.00% | 1 | 1,000 | 4,000 | 10 |" in out
+    assert figure.read_bytes().startswith(b"\x89PNG")
