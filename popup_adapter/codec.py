@@ -46,6 +46,32 @@ def _bernoulli(numel: int, kept: int):
     return constriction.stream.model.Bernoulli(kept / numel, perfect=False)
 
 
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """One bit a weight, little bit order: the ``packed`` encoding's payload, and the form a
+    merged layer keeps its mask in (`popup_adapter.merging`).
+
+    Args:
+        bits: bool, flat.
+
+    Returns:
+        ``ceil(len(bits) / 8)`` uint8 bytes.
+    """
+    return np.packbits(bits, bitorder="little")
+
+
+def unpack_bits(payload: np.ndarray, numel: int) -> np.ndarray:
+    """`pack_bits`' input back.
+
+    Args:
+        payload: the uint8 bytes.
+        numel: how many bits they hold.
+
+    Returns:
+        A flat bool array of ``numel`` entries.
+    """
+    return np.unpackbits(payload, count=numel, bitorder="little").astype(bool)
+
+
 def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
     """A boolean mask in as few bytes as possible.
 
@@ -59,7 +85,7 @@ def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
     numel, kept = bits.size, int(bits.sum())
     if kept == numel:
         return "all", np.zeros(0, dtype=np.uint8)
-    packed = np.packbits(bits, bitorder="little")
+    packed = pack_bits(bits)
     if kept == 0:
         return "packed", packed
     coder = constriction.stream.stack.AnsCoder()
@@ -98,7 +124,7 @@ def decode_mask(
                 f"{where}: packed mask has {payload.size} bytes, a mask of "
                 f"shape {shape} needs {(numel + 7) // 8}; the file is corrupted"
             )
-        bits = np.unpackbits(payload, count=numel, bitorder="little").astype(bool)
+        bits = unpack_bits(payload, numel)
     elif encoding == "rans":
         if payload.size % 4 or not 0 < kept < numel:
             raise ArtifactError(f"{where}: malformed rANS payload; the file is corrupted")

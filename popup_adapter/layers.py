@@ -28,13 +28,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.modules import module as _torch_module
 
 from .base import masked_fan_in
+from .codec import unpack_bits
 from .errors import AdapterError, ArtifactError
 from .kernels import load_kernels, use_kernels
 from .selection import SelectionState, masked_weight, num_kept, topk_mask
@@ -87,8 +87,8 @@ class PopupLayer(nn.Module):
         self.disable_adapters = False
         #: the adapter whose ``W * M`` the layer holds since `merge` (PEFT's ``merged``)
         self.merged_adapter: str | None = None
-        #: that adapter's mask, bit-packed (numpy ``packbits``, CPU): what a merge keeps of it
-        self.packed_mask: np.ndarray | None = None
+        #: that adapter's mask, bit-packed (`popup_adapter.codec.pack_bits`, CPU)
+        self.packed_mask = None
         #: ``W * M`` when it could not be written over W (a shared or irreplaceable base)
         self.merged_weight: torch.Tensor | None = None
         #: the fused CPU kernels setting when this layer was built (see popup_adapter.kernels)
@@ -169,7 +169,11 @@ class PopupLayer(nn.Module):
 
         Args:
             adapter_name: the adapter to remove.
+
+        Raises:
+            AdapterError: the layer holds a merged ``W * M`` (unmerge first).
         """
+        self._refuse_while_merged(f"delete adapter {adapter_name!r}")
         del self.popup_scores[adapter_name]
         del self.popup_kept[adapter_name]
         del self.popup_selection[adapter_name]
@@ -181,7 +185,12 @@ class PopupLayer(nn.Module):
 
         Args:
             adapter_name: the adapter, or None for the unmasked base (adapters disabled).
+
+        Raises:
+            AdapterError: another adapter is merged into the weight (unmerge first).
         """
+        if adapter_name != self.merged_adapter:
+            self._refuse_while_merged(f"switch to adapter {adapter_name!r}")
         for name, scores in self.popup_scores.items():
             scores.requires_grad_(name == adapter_name)
         self.active_adapter = adapter_name
@@ -231,31 +240,30 @@ class PopupLayer(nn.Module):
             A bool tensor shaped like the weight (a sharded score is gathered whole first).
         """
         adapter_name = adapter_name or self.active_adapter
-        if adapter_name == self.merged_adapter:
-            return self.unpacked_mask().to(self.base_weight.device)
+        if adapter_name == self.merged_adapter:  # its scores may be gone: the packed bits
+            weight = self.base_weight
+            bits = unpack_bits(self.packed_mask, weight.numel()).reshape(weight.shape)
+            return torch.from_numpy(bits).to(weight.device)
         scores = whole_tensor(self.popup_scores[adapter_name])  # the mask is per whole layer
         kept = self.popup_kept[adapter_name]
         masks = [topk_mask(part, kept) for part in self._per_mask(scores)]
         return torch.stack(masks) if self.per_expert else masks[0]
 
     # -- merged (see popup_adapter.merging)
-    def unpacked_mask(self) -> torch.Tensor:
-        """The merged adapter's mask, from its packed bits.
-
-        Returns:
-            A bool CPU tensor shaped like the weight.
-        """
-        shape = self.base_weight.shape
-        bits = np.unpackbits(self.packed_mask, count=math.prod(shape)).view(bool)
-        return torch.from_numpy(bits.reshape(shape))
+    def _refuse_while_merged(self, action: str) -> None:
+        # a merged weight is one adapter's W * M: another mask (or none) from it is wrong
+        if self.merged_adapter is not None:
+            raise AdapterError(
+                f"cannot {action}: adapter {self.merged_adapter!r} is merged into this "
+                "layer's weight; call unmerge_adapter() on the model first"
+            )
 
     # -- the forward
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: ``W * M`` of the active adapter, or ``W`` when off.
 
-        Nothing is cached: in eval mode too, each forward selects the mask and writes ``W * M``
-        in one fused pass, freed after the layer ran, so inference holds no second copy of the
-        weights (``merge_and_unload`` gives a model that skips even that pass).
+        Unmerged, nothing is cached: each forward (eval too) selects the mask and writes
+        ``W * M`` in one fused pass, freed after the layer ran; merged, it is held.
 
         Returns:
             A tensor shaped as the base weight (differentiable with respect to the active scores).
@@ -265,6 +273,7 @@ class PopupLayer(nn.Module):
     def _effective_weight(self, single_use: bool) -> torch.Tensor:
         adapter, weight = self.active_adapter, self.base_weight
         if self.disable_adapters or adapter is None:
+            self._check_unmasked_base()
             return weight
         if adapter == self.merged_adapter:
             self._check_not_training()
@@ -311,6 +320,7 @@ class PopupLayer(nn.Module):
             What the base layer returns.
         """
         if self.disable_adapters or self.active_adapter is None:
+            self._check_unmasked_base()
             return self.base_layer(*args, **kwargs)
         if self.merged_adapter is not None and self.merged_weight is None:
             self._check_not_training()
@@ -325,14 +335,13 @@ class PopupLayer(nn.Module):
         swapped = {".".join(path): self._effective_weight(single_use=False)}
         return functional_call(self.base_layer, swapped, args, kwargs, strict=False)
 
+    def _check_unmasked_base(self) -> None:
+        if self.merged_adapter is not None and self.merged_weight is None:  # W holds W * M
+            self._refuse_while_merged("run the unmasked base")
+
     def _check_not_training(self) -> None:
-        scores = self.popup_scores.get(self.merged_adapter)
-        if (
-            self.training
-            and torch.is_grad_enabled()
-            and scores is not None
-            and scores.requires_grad
-        ):
+        trains = getattr(self.popup_scores.get(self.merged_adapter), "requires_grad", False)
+        if self.training and torch.is_grad_enabled() and trains:
             raise AdapterError(
                 f"adapter {self.merged_adapter!r} is merged (merge_adapter): its scores would "
                 "get no gradient. Call unmerge_adapter() before training"

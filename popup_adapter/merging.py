@@ -17,11 +17,11 @@ Nothing is lost either way: unmerging restores W, and the scores or their mask f
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from .base import is_drawn, layer_weight
+from .codec import pack_bits
 from .errors import AdapterError, BaseMismatchError
 from .injection import replace_wrappers, tied_parameter_ids, wrapped_module
 from .layers import PopupLayer
@@ -45,7 +45,7 @@ def merge_layer(layer: PopupLayer, in_place: bool) -> None:
         raise AdapterError("a sharded (FSDP) weight is not merged; gather the model first")
     with torch.no_grad():
         mask = layer.get_mask(adapter)
-        layer.packed_mask = np.packbits(mask.cpu().numpy().ravel())
+        layer.packed_mask = pack_bits(mask.cpu().numpy().ravel())
         if in_place:
             weight.mul_(mask)
         else:
@@ -67,7 +67,7 @@ def unmerge_layer(layer: PopupLayer, base_value: torch.Tensor | None) -> None:
         BaseMismatchError: ``base_value``'s kept weights differ from the merged ones.
     """
     adapter, weight = layer.merged_adapter, layer.base_weight
-    mask = layer.unpacked_mask().to(weight.device)
+    mask = layer.get_mask(adapter)
     with torch.no_grad():
         if layer.merged_weight is None:
             base_value = base_value.to(weight.device, weight.dtype)

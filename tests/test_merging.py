@@ -35,8 +35,7 @@ def test_merged_computes_exactly_what_the_mask_does_and_unmerges_to_the_same_bas
 
     model.unmerge_adapter()
     assert not model.merged
-    model._merged_fingerprint = None  # hashed afresh from the weights
-    assert model.base_fingerprint == fingerprint
+    assert model.base_fingerprint == fingerprint  # hashed afresh from the weights
     after = {n: p for n, p in model.named_parameters() if "popup_scores" in n}
     assert after.keys() == scores.keys()  # trained scores are never dropped
     assert all(torch.equal(after[n], scores[n]) for n in scores)
@@ -99,6 +98,24 @@ def test_switching_adapters_unmerges_first():
     model.merge_adapter()
     with model.disable_adapter():  # the dense base, not W * M
         assert torch.equal(outputs(model, x), dense)
+
+
+def test_a_merged_layer_refuses_what_would_compute_from_the_wrong_weight():
+    """Below the model's methods (which unmerge first), a layer holding W * M in place
+    refuses another mask, deletion and the unmasked base instead of computing wrongly."""
+    make, make_input = MODELS["resnet50"]
+    model = get_popup_model(make(), k=0.3)
+    model.add_adapter("other", PopupConfig(k=0.6))
+    model.merge_adapter()
+    layer = dict(model.popup_layers())["layer1.0.conv1"]
+    layer.set_adapter("default")  # the merged one: allowed
+    with pytest.raises(AdapterError, match="'default' is merged"):
+        layer.set_adapter("other")
+    with pytest.raises(AdapterError, match="unmerge_adapter"):
+        layer.delete_adapter("other")
+    layer.disable_adapters = True
+    with pytest.raises(AdapterError, match="unmasked base"):
+        outputs(model, make_input())
 
 
 def test_a_pretrained_base_is_not_overwritten():
