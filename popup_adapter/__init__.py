@@ -10,7 +10,7 @@ process (no settings, loggers, seeds or umask).
 
 __version__ = "0.1.0"  # first: the modules below may read it
 
-from .config import INITS, PopupConfig
+from .config import INITS, METHODS, SELECTIONS, PopupConfig
 from .convnets import ConvNet, create_conv_net
 from .errors import (
     AdapterError,
@@ -28,6 +28,8 @@ from .selection import masked_weight, num_kept, topk_mask
 
 __all__ = [
     "INITS",
+    "METHODS",
+    "SELECTIONS",
     "AdapterError",
     "AlreadyAdaptedError",
     "ArtifactError",

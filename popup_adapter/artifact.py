@@ -17,9 +17,13 @@ previous artifact or the new one, whole, and the recorded sha256 catches a tenso
 not belong to its config. What a reader checks before it trusts a field:
 `popup_adapter.artifact_schema`.
 
-Formats 1 (the first release: no structure, each masked layer's ``weight`` named by its module)
-and 2 (a fixed tensor file name, ``popup_model.safetensors``) stay readable: their masks load
-onto the tensors they list, whatever later versions mask by default.
+Format 4 adds the search methods: the config's ``method``, ``selection``, ``ramp_steps``,
+``min_layer_k``, ``redraw_every`` and ``redraw_prob``, a global top-k's per-layer counts (their
+total checked against k), and with IteRand each layer's redraw counts of its kept weights
+(``redraws``: their histogram in the config, an rANS stream ``redraws.<layer>`` in the tensor
+file). Formats 1 (the first release: no structure, each masked layer's ``weight`` named by its
+module), 2 (a fixed tensor file name, ``popup_model.safetensors``) and 3 stay readable: their
+masks load onto the tensors they list, whatever later versions mask by default.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ from .artifact_schema import (
     CONFIG_NAME,
     MASK_PREFIX,
     READABLE_FORMATS,
+    REDRAW_PREFIX,
     STATE_PREFIX,
     check_tensors,
     parse_json,
     validate_meta,
 )
-from .codec import decode_mask, entropy_bits
+from .codec import decode_counts, decode_mask, entropy_bits
 from .config import PopupConfig
 from .errors import ArtifactError, BaseMismatchError
 from .specs import describe
@@ -153,6 +158,24 @@ class Artifact:
             self.tensors[MASK_PREFIX + name],
             tuple(layer["shape"]),
             layer["kept"],
+            where=f"{self.weights_path}, layer {name!r}",
+        )
+
+    def redraw_counts(self, name: str) -> np.ndarray:
+        """Layer ``name``'s IteRand redraw counts of its kept weights (format 4).
+
+        Args:
+            name: a layer of `layers`, in an artifact whose config redraws.
+
+        Returns:
+            One uint8 count per kept weight, in flat order.
+
+        Raises:
+            ArtifactError: the counts do not decode to their recorded histogram.
+        """
+        return decode_counts(
+            self.layers[name]["redraws"],
+            self.tensors.get(REDRAW_PREFIX + name, np.zeros(0, np.uint8)),
             where=f"{self.weights_path}, layer {name!r}",
         )
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save
 
@@ -25,13 +26,14 @@ from .artifact_schema import (
     CONFIG_NAME,
     FORMAT_VERSION,
     MASK_PREFIX,
+    REDRAW_PREFIX,
     STATE_PREFIX,
     checked_metrics,
     is_artifact_file,
     weights_name,
 )
 from .card import model_card
-from .codec import encode_mask
+from .codec import encode_counts, encode_mask
 from .config import PopupConfig
 from .errors import ArtifactError
 from .storage import commit_files
@@ -103,6 +105,8 @@ class ArtifactContents:
     masks: list[tuple[MaskTarget, torch.Tensor, int | None]]
     #: what training changed besides the masks, by plain names (whole, on any device)
     state: dict[str, torch.Tensor]
+    #: IteRand: each masked tensor's redraw counts of its kept weights, in flat order
+    redraws: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def encode_artifact(
@@ -141,6 +145,11 @@ def encode_artifact(
             "encoding": encoding,
             **({"experts": experts} if experts is not None else {}),
         }
+        if target.key in contents.redraws:
+            histogram, counts = encode_counts(contents.redraws[target.key])
+            layers[target.key]["redraws"] = histogram
+            if counts.size:
+                tensors[REDRAW_PREFIX + target.key] = torch.from_numpy(counts)
     for name, value in contents.state.items():
         tensors[STATE_PREFIX + name] = value.to("cpu").contiguous()
     blob = save(

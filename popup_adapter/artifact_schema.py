@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codec import ENCODINGS
+from .codec import ENCODINGS, MAX_COUNT
 from .config import PopupConfig
 from .errors import ArtifactError, ConfigError
 from .selection import num_kept
 from .specs import check_spec
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: the formats this version reads (every one a release wrote)
-READABLE_FORMATS = (1, 2, 3)
+READABLE_FORMATS = (1, 2, 3, 4)
 CONFIG_NAME = "popup_config.json"
 CARD_NAME = "README.md"
 #: the files of an artifact, as Hub download patterns
@@ -61,6 +61,15 @@ MAX_DIMS, MAX_NUMEL = 8, 2**40
 LEGACY_WEIGHTS_NAME = "popup_model.safetensors"
 #: the tensor file's keys: a layer's encoded mask, and the other tensors training changed
 MASK_PREFIX, STATE_PREFIX = "mask.", "state."
+#: format 4: a layer's entropy-coded IteRand redraw counts (`popup_adapter.codec.encode_counts`)
+REDRAW_PREFIX = "redraws."
+
+
+def _has_payload(layer: dict) -> bool:
+    """Whether a layer's redraw counts take a payload (they are not all one value)."""
+    return sum(1 for n in layer.get("redraws", []) if n) > 1
+
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _WEIGHTS_FILE = re.compile(r"popup_model(-[0-9a-f]{16})?\.safetensors")
 _CORRUPTED = (
@@ -185,8 +194,13 @@ def validate_meta(meta: Any, where: object) -> PopupConfig:
             f"{where}: field 'layers' is empty: the artifact masks nothing (was it saved after "
             "merge_and_unload?); save the adapted model before merging"
         )
-    for name, layer in layers.items():
-        _check_layer(name, layer, version, config.k, where)
+    kept = {
+        name: _check_layer(name, layer, version, config, where) for name, layer in layers.items()
+    }
+    if config.selection == "global":
+        _check_global_kept(
+            kept, {name: math.prod(layer["shape"]) for name, layer in layers.items()}, config, where
+        )
     _check_files(meta, version, where)
     metrics = meta.get("metrics", {})
     if not isinstance(metrics, dict) or not all(
@@ -210,8 +224,23 @@ def _is_structure_entry(entry: Any) -> bool:
     )
 
 
-def _check_layer(name: str, layer: Any, version: int, k: float, where: object) -> None:
-    """One ``layers`` entry: its shape, kept count (as k gives it), encoding and target."""
+def _check_global_kept(kept: dict, sizes: dict, config: PopupConfig, where: object) -> None:
+    """A global top-k's counts: ``round(k * total)`` in all, each layer at its floor or more."""
+    floors = {name: num_kept(config.min_layer_k, n) for name, n in sizes.items()}
+    expected = max(round(config.k * sum(sizes.values())), sum(floors.values()))
+    low = [name for name in kept if kept[name] < floors[name]]
+    if sum(kept.values()) != expected or low:
+        raise ArtifactError(
+            f"{where}: the masks keep {sum(kept.values())} weights in all"
+            + (f", {low[0]!r} fewer than its floor {floors[low[0]]}" if low else "")
+            + f", but a global k={config.k} keeps {expected} (min_layer_k="
+            f"{config.min_layer_k}): the config and the masks disagree; {_CORRUPTED}"
+        )
+
+
+def _check_layer(name: str, layer: Any, version: int, config: PopupConfig, where: object) -> int:
+    """One ``layers`` entry: its shape, kept count (as k gives it, per layer), encoding and
+    target; returns the kept count."""
     path = f"layers.{name}"
     shape = _field(layer, "shape", list, where, f"{path}.shape")
     if not 1 <= len(shape) <= MAX_DIMS or not all(
@@ -234,10 +263,13 @@ def _check_layer(name: str, layer: Any, version: int, k: float, where: object) -
             f"{where}: field '{path}.experts' must be the first size of its shape; {_CORRUPTED}"
         )
     kept = _field(layer, "kept", int, where, f"{path}.kept")
-    expected = experts * num_kept(k, numel // experts)
-    if kept != expected:
+    expected = experts * num_kept(config.k, numel // experts)
+    if config.selection == "global" and experts == 1:  # the total is checked (the caller)
+        if not 1 <= kept <= numel:
+            raise ArtifactError(f"{where}: layer {name!r} keeps {kept} of {numel}; {_CORRUPTED}")
+    elif kept != expected:
         raise ArtifactError(
-            f"{where}: layer {name!r} keeps {kept} of {numel} weights, but k={k} keeps "
+            f"{where}: layer {name!r} keeps {kept} of {numel} weights, but k={config.k} keeps "
             f"{expected}: the config and the masks disagree; {_CORRUPTED}"
         )
     if _field(layer, "encoding", str, where, f"{path}.encoding") not in ENCODINGS:
@@ -245,11 +277,23 @@ def _check_layer(name: str, layer: Any, version: int, k: float, where: object) -
             f"{where}: layer {name!r} has encoding {layer['encoding']!r}; this popup_adapter "
             f"knows {list(ENCODINGS)}. Upgrade popup_adapter?"
         )
+    if config.redraw_every:  # IteRand: the kept weights' redraw counts, as a histogram
+        histogram = _field(layer, "redraws", list, where, f"{path}.redraws")
+        if not (
+            1 <= len(histogram) <= MAX_COUNT + 1
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in histogram)
+            and sum(histogram) == kept
+        ):
+            raise ArtifactError(
+                f"{where}: field '{path}.redraws' must count the {kept} kept weights by "
+                f"their number of redraws (0 to {MAX_COUNT}); {_CORRUPTED}"
+            )
     if version >= 2:
         _field(layer, "module", str, where, f"{path}.module")
         parameter = _field(layer, "parameter", str, where, f"{path}.parameter")
         if not parameter.isidentifier():
             raise ArtifactError(f"{where}: field '{path}.parameter' is not a parameter name")
+    return kept
 
 
 def _check_files(meta: dict, version: int, where: object) -> None:
@@ -317,6 +361,7 @@ def check_tensors(
         ArtifactError: naming the tensor.
     """
     masks = {MASK_PREFIX + name for name in layers}
+    masks |= {REDRAW_PREFIX + name for name, layer in layers.items() if _has_payload(layer)}
     unexpected = [key for key in tensors if key not in masks and not key.startswith(STATE_PREFIX)]
     missing = sorted(masks - set(tensors))
     if unexpected or missing:
@@ -325,6 +370,12 @@ def check_tensors(
             f"unexpected {unexpected[:5]}); the file is corrupted or not this config's"
         )
     for name, layer in layers.items():
+        counts = tensors.get(REDRAW_PREFIX + name)
+        if counts is not None and (counts.dtype != np.uint8 or counts.ndim != 1 or counts.size % 4):
+            raise ArtifactError(
+                f"{where}: the redraw counts of layer {name!r} are not an rANS stream of "
+                "uint8 bytes; the file is corrupted"
+            )
         payload = tensors[MASK_PREFIX + name]
         packed = (math.prod(layer["shape"]) + 7) // 8
         size = {"packed": packed, "all": 0}.get(layer["encoding"])

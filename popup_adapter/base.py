@@ -240,7 +240,12 @@ def is_drawn(config: PopupConfig, name: str) -> bool:
 
 
 def layer_weight(
-    config: PopupConfig, name: str, module: nn.Module, weight: torch.Tensor, masked: bool
+    config: PopupConfig,
+    name: str,
+    module: nn.Module,
+    weight: torch.Tensor,
+    masked: bool,
+    redraw: int = 0,
 ) -> torch.Tensor:
     """The value `seed_base` draws for a layer's weight: ``config.init`` with its fan-in
     (times k for a masked tensor with ``scale_fan``); reseeded modules of an ``init="keep"``
@@ -252,6 +257,8 @@ def layer_weight(
         module: the layer that owns it.
         weight: the tensor (for its shape and fan-in).
         masked: whether it is masked.
+        redraw: the values after this many IteRand redraws: the tensor's ``redraw``-th
+            redraw stream (0: the base's own draw).
 
     Returns:
         A float32 tensor shaped like ``weight``.
@@ -260,7 +267,8 @@ def layer_weight(
     fan_in = masked_fan_in(module, weight)
     if config.scale_fan and masked:
         fan_in *= config.k
-    return init_values(layer_init, config.seed, name, weight.shape, fan_in)
+    stream = f"redraw/{redraw}/{name}" if redraw else name
+    return init_values(layer_init, config.seed, stream, weight.shape, fan_in)
 
 
 def _is_constant(tensor: torch.Tensor) -> bool:

@@ -150,3 +150,73 @@ def decode_mask(
             f"config says {kept}; the file is corrupted or not this layer's"
         )
     return torch.from_numpy(bits).reshape(shape)
+
+
+#: the largest redraw count a weight can carry (counts are stored as uint8)
+MAX_COUNT = 255
+
+
+def _categorical(histogram: list[int]):
+    probabilities = np.asarray(histogram, dtype=np.float64) / sum(histogram)
+    return constriction.stream.model.Categorical(probabilities, perfect=False)
+
+
+def encode_counts(counts: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Small non-negative integers (IteRand's redraw counts of the kept weights, most of them
+    0) in about their entropy: an rANS stream under their own histogram, which is stored beside
+    it (a few numbers).
+
+    Args:
+        counts: flat, each in [0, `MAX_COUNT`].
+
+    Returns:
+        ``(histogram, uint8 payload)``: ``histogram[c]`` is how many entries are ``c``; the
+        payload is empty when every entry is the same.
+    """
+    histogram = np.bincount(counts.astype(np.int64), minlength=1).tolist()
+    if max(histogram) == counts.size:
+        return histogram, np.zeros(0, dtype=np.uint8)
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(counts.astype(np.int32), _categorical(histogram))
+    return histogram, coder.get_compressed().astype("<u4").view(np.uint8)
+
+
+def decode_counts(histogram: list[int], payload: np.ndarray, where: str) -> np.ndarray:
+    """`encode_counts`' input back.
+
+    Args:
+        histogram: as stored.
+        payload: the uint8 bytes.
+        where: names the layer and file in an error.
+
+    Returns:
+        A flat uint8 array of ``sum(histogram)`` entries with exactly that histogram.
+
+    Raises:
+        ArtifactError: a payload that does not decode to the histogram (a corrupted file).
+    """
+    total = sum(histogram)
+    nonzero = [c for c, n in enumerate(histogram) if n]
+    if len(nonzero) == 1:
+        if payload.size:
+            raise ArtifactError(
+                f"{where}: redraw counts payload not expected; the file is corrupted"
+            )
+        return np.full(total, nonzero[0], dtype=np.uint8)
+    if payload.size % 4 == 0:
+        words = np.frombuffer(payload.tobytes(), dtype="<u4").astype(np.uint32)
+        try:
+            counts = constriction.stream.stack.AnsCoder(words).decode(
+                _categorical(histogram), total
+            )
+        except Exception:  # constriction raises its own types on a bad stream
+            counts = None
+        if (
+            counts is not None
+            and np.bincount(counts, minlength=len(histogram)).tolist() == histogram
+        ):
+            return counts.astype(np.uint8)
+    raise ArtifactError(
+        f"{where}: the redraw counts do not decode to their recorded histogram; the file is "
+        "corrupted"
+    )

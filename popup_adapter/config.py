@@ -20,6 +20,22 @@ compares them.
 """
 #: Initial scores: seeded uniform (the paper), or |W| so the search starts from magnitude pruning.
 SCORE_INITS = ("uniform", "magnitude")
+METHODS = ("edge_popup", "biprop")
+"""The values of [`PopupConfig.method`][popup_adapter.PopupConfig]: what the kept weights are.
+
+``edge_popup`` keeps them as drawn (``W * M``); ``biprop`` (Diffenderfer & Kailkhura, ICLR
+2021) replaces them with ``alpha * sign(W)``, ``alpha`` the mean |W| of the layer's kept
+weights, recomputed every step. With ``init="signed_constant"`` every |W| of a layer is the
+same, so the two coincide: biprop is meant for ``kaiming_normal`` / ``kaiming_uniform``.
+"""
+SELECTIONS = ("per_layer", "global")
+"""The values of [`PopupConfig.selection`][popup_adapter.PopupConfig]: where the top-k is taken.
+
+``per_layer`` (the paper) keeps ``round(k * n)`` of every layer's ``n`` weights; ``global``
+keeps the ``round(k * total)`` largest |scores| of all masked layers at once, at least
+``min_layer_k`` of each, which lets the layers that matter keep more (see
+`popup_adapter.budget`).
+"""
 
 
 def _as_name_list(value: str | list[str] | tuple[str, ...] | None, what: str) -> Any:
@@ -63,6 +79,21 @@ class PopupConfig:
         score_init: ``"uniform"`` (the paper: seeded uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)),
             a random initial mask) or ``"magnitude"`` (|W|: the search starts from magnitude
             pruning, which keeps a pretrained network working from the first step).
+        method: ``"edge_popup"`` or ``"biprop"`` (binarized kept weights, see `METHODS`).
+        selection: ``"per_layer"`` (each layer keeps ``round(k * n)``) or ``"global"`` (the
+            ``round(k * total)`` largest |scores| of all masked layers, at least
+            ``min_layer_k`` of each: layers that matter keep more).
+        ramp_steps: optimizer steps over which the fraction kept falls from 1 to ``k``
+            (Zhu & Gupta's cubic), so that global top-k at small ``k`` empties no layer early.
+            The training loop reports its steps (`PopupModel.update_search`).
+        min_layer_k: with ``selection="global"``, the fraction every layer keeps at least
+            (0: one weight), at most ``k``.
+        redraw_every: IteRand (Chijiwa et al., NeurIPS 2021): every this many optimizer steps,
+            each pruned weight is redrawn from the seed with probability ``redraw_prob``, so
+            the search reaches more random weights (0: off). The artifact stores how often
+            each kept weight was redrawn, so the trained network still comes from the seed
+            (`popup_adapter.redraws`). Its backbone carries no other adapter.
+        redraw_prob: IteRand's probability of redrawing a pruned weight, in (0, 1].
     """
 
     k: float = 0.3
@@ -76,6 +107,12 @@ class PopupConfig:
     mask_embeddings: bool = False
     reseed_modules: list[str] | None = field(default=None)
     score_init: str = "uniform"
+    method: str = "edge_popup"
+    selection: str = "per_layer"
+    ramp_steps: int = 0
+    min_layer_k: float = 0.0
+    redraw_every: int = 0
+    redraw_prob: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)):
@@ -91,6 +128,38 @@ class PopupConfig:
         if self.score_init not in SCORE_INITS:
             raise ConfigError(
                 f"unknown score_init {self.score_init!r}; choose one of {', '.join(SCORE_INITS)}"
+            )
+        for name, choices in (("method", METHODS), ("selection", SELECTIONS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}"
+                )
+        for name in ("ramp_steps", "redraw_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an int >= 0 (0: off), got {value!r}")
+        if isinstance(self.redraw_prob, bool) or not isinstance(self.redraw_prob, (int, float)):
+            raise ConfigError(f"redraw_prob must be a number in (0, 1], got {self.redraw_prob!r}")
+        self.redraw_prob = float(self.redraw_prob)
+        if not 0.0 < self.redraw_prob <= 1.0:
+            raise ConfigError(f"redraw_prob={self.redraw_prob} is outside (0, 1]")
+        if self.redraw_every and self.init == "keep":
+            raise ConfigError(
+                "redraw_every (IteRand) redraws pruned weights from the seed, which a "
+                "pretrained base (init='keep') cannot give back; use a seeded init"
+            )
+        if isinstance(self.min_layer_k, bool) or not isinstance(self.min_layer_k, (int, float)):
+            raise ConfigError(f"min_layer_k must be a number in [0, k], got {self.min_layer_k!r}")
+        self.min_layer_k = float(self.min_layer_k)
+        if not 0.0 <= self.min_layer_k <= self.k:
+            raise ConfigError(
+                f"min_layer_k={self.min_layer_k} must lie in [0, k={self.k}]: it is the fraction "
+                "each layer keeps at least under global selection"
+            )
+        if self.min_layer_k and self.selection != "global":
+            raise ConfigError(
+                "min_layer_k is the per-layer floor of selection='global'; per layer, every "
+                "layer keeps k already"
             )
         if (
             isinstance(self.seed, bool)

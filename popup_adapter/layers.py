@@ -24,8 +24,6 @@ are refused (`unmaskable_reason`).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,11 +32,11 @@ from torch.func import functional_call
 from torch.nn.modules import module as _torch_module
 
 from .base import masked_fan_in
-from .codec import unpack_bits
-from .errors import AdapterError, ArtifactError
+from .budget import KeptBudget
+from .errors import AdapterError
 from .kernels import load_kernels, use_kernels
-from .selection import SelectionState, masked_weight, num_kept, topk_mask
-from .sharding import whole_tensor
+from .layer_adapters import AdapterMasksMixin
+from .selection import SelectionState, masked_weight
 
 #: torch's process-wide module hooks: when any is set, layers are called, never bypassed
 _GLOBAL_HOOKS = (
@@ -49,7 +47,7 @@ _GLOBAL_HOOKS = (
 )
 
 
-class PopupLayer(nn.Module):
+class PopupLayer(AdapterMasksMixin, nn.Module):
     """One parameter of a module, masked: a learnable score per weight and adapter.
 
     Used as it is for any module (the forward calls the module with ``W * M`` swapped in), and
@@ -83,6 +81,10 @@ class PopupLayer(nn.Module):
         self.popup_kept: dict[str, int] = {}
         #: per adapter and mask, the last threshold, so the next selection is cheap
         self.popup_selection: dict[str, list[SelectionState]] = {}
+        #: the adapters whose kept weights are biprop's ``alpha * sign(W)`` (`binarize_`)
+        self.popup_binary: dict[str, bool] = {}
+        #: the adapters whose counts a model-wide budget sets (global top-k, a density ramp)
+        self.popup_budget: dict[str, KeptBudget] = {}
         self.active_adapter: str | None = None
         self.disable_adapters = False
         #: the adapter whose ``W * M`` the layer holds since `merge` (PEFT's ``merged``)
@@ -140,124 +142,6 @@ class PopupLayer(nn.Module):
         """This layer's fan-in, as Kaiming's init counts it (per expert for an expert bank)."""
         return masked_fan_in(self.owner, self.base_weight)
 
-    # -- adapters
-    def update_layer(self, adapter_name: str, k: float, scores: torch.Tensor) -> None:
-        """Add (or replace) the scores of an adapter.
-
-        Args:
-            adapter_name: the adapter.
-            k: the fraction each mask keeps (``round(k * n)`` weights, per expert for a bank).
-            scores: shaped like the weight; trainable only while ``adapter_name`` is active.
-
-        Raises:
-            AdapterError: ``scores`` has another shape than the weight.
-        """
-        weight = self.base_weight
-        if scores.shape != weight.shape:
-            raise AdapterError(
-                f"scores of shape {tuple(scores.shape)} do not fit a weight of "
-                f"shape {tuple(weight.shape)}"
-            )
-        # only the active adapter's scores train (set_adapter moves that), as in PEFT
-        active = adapter_name == self.active_adapter
-        self.popup_scores[adapter_name] = nn.Parameter(scores.to(weight.device), active)
-        self.popup_kept[adapter_name] = num_kept(k, weight.numel() // self.num_masks)
-        self.popup_selection[adapter_name] = [SelectionState() for _ in range(self.num_masks)]
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name``'s scores from this layer.
-
-        Args:
-            adapter_name: the adapter to remove.
-
-        Raises:
-            AdapterError: the layer holds a merged ``W * M`` (unmerge first).
-        """
-        self._refuse_while_merged(f"delete adapter {adapter_name!r}")
-        del self.popup_scores[adapter_name]
-        del self.popup_kept[adapter_name]
-        del self.popup_selection[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = None
-
-    def set_adapter(self, adapter_name: str | None) -> None:
-        """Make ``adapter_name`` the active mask; only its scores require grad (as in PEFT).
-
-        Args:
-            adapter_name: the adapter, or None for the unmasked base (adapters disabled).
-
-        Raises:
-            AdapterError: another adapter is merged into the weight (unmerge first).
-        """
-        if adapter_name != self.merged_adapter:
-            self._refuse_while_merged(f"switch to adapter {adapter_name!r}")
-        for name, scores in self.popup_scores.items():
-            scores.requires_grad_(name == adapter_name)
-        self.active_adapter = adapter_name
-
-    def _per_mask(self, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
-        return tensor.unbind(0) if self.per_expert else (tensor,)
-
-    def load_mask(self, adapter_name: str, mask: torch.Tensor) -> None:
-        """Set an adapter's scores so that its top-k is exactly ``mask`` (a loaded mask): kept
-        weights score 1/sqrt(fan_in), the initial scores' scale, the others 0.
-
-        Args:
-            adapter_name: the adapter.
-            mask: bool, shaped like the weight, keeping exactly the adapter's count per mask.
-
-        Raises:
-            ArtifactError: another shape, or other kept counts.
-        """
-        scores, kept = self.popup_scores[adapter_name], self.popup_kept[adapter_name]
-        counts = [int(part.sum()) for part in self._per_mask(mask)] if mask.ndim else []
-        if mask.shape != scores.shape or any(count != kept for count in counts):
-            raise ArtifactError(
-                f"a mask of shape {tuple(mask.shape)} keeping {counts} does not fit this layer "
-                f"({tuple(scores.shape)}, keeping {kept} in each of {self.num_masks} masks)"
-            )
-        with torch.no_grad():
-            scores.copy_(self.scores_for_mask(mask).to(scores.device, scores.dtype))
-
-    def scores_for_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """The scores a loaded mask gets: kept weights 1/sqrt(fan_in), the others 0.
-
-        Args:
-            mask: bool, shaped like the weight.
-
-        Returns:
-            float32 scores whose top-k is ``mask``.
-        """
-        return mask.float() / math.sqrt(self.fan_in)
-
-    def get_mask(self, adapter_name: str | None = None) -> torch.Tensor:
-        """The current mask of an adapter.
-
-        Args:
-            adapter_name: whose (default: the active adapter).
-
-        Returns:
-            A bool tensor shaped like the weight (a sharded score is gathered whole first).
-        """
-        adapter_name = adapter_name or self.active_adapter
-        if adapter_name == self.merged_adapter:  # its scores may be gone: the packed bits
-            weight = self.base_weight
-            bits = unpack_bits(self.packed_mask, weight.numel()).reshape(weight.shape)
-            return torch.from_numpy(bits).to(weight.device)
-        scores = whole_tensor(self.popup_scores[adapter_name])  # the mask is per whole layer
-        kept = self.popup_kept[adapter_name]
-        masks = [topk_mask(part, kept) for part in self._per_mask(scores)]
-        return torch.stack(masks) if self.per_expert else masks[0]
-
-    # -- merged (see popup_adapter.merging)
-    def _refuse_while_merged(self, action: str) -> None:
-        # a merged weight is one adapter's W * M: another mask (or none) from it is wrong
-        if self.merged_adapter is not None:
-            raise AdapterError(
-                f"cannot {action}: adapter {self.merged_adapter!r} is merged into this "
-                "layer's weight; call unmerge_adapter() on the model first"
-            )
-
     # -- the forward
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: ``W * M`` of the active adapter, or ``W`` when off.
@@ -278,11 +162,11 @@ class PopupLayer(nn.Module):
         if adapter == self.merged_adapter:
             self._check_not_training()
             return weight if self.merged_weight is None else self.merged_weight
-        scores, kept = self.popup_scores[adapter], self.popup_kept[adapter]
-        states = self.popup_selection[adapter]
-        fused = self.use_kernels
+        scores, kept = self.popup_scores[adapter], self._current_kept(adapter)
+        states, binary = self.popup_selection[adapter], self.popup_binary[adapter]
+        single_use = single_use and not self.per_expert
         parts = [
-            masked_weight(w, s, kept, state, single_use and not self.per_expert, fused)
+            masked_weight(w, s, kept, state, single_use, self.use_kernels, binary)
             for w, s, state in zip(
                 self._per_mask(weight), self._per_mask(scores), states, strict=True
             )
@@ -363,21 +247,6 @@ class PopupLayer(nn.Module):
         raise NotImplementedError
 
     # -- back to a plain module
-    def merged_base_layer(self, adapter_name: str | None = None) -> nn.Module:
-        """The owner module with ``W * M`` of every nested wrapper baked in, each as a new
-        parameter (a tied weight stays intact in the other modules that share it).
-
-        Args:
-            adapter_name: whose mask (default: the active adapter).
-
-        Returns:
-            The plain module, computing exactly what this wrapper computed.
-        """
-        merged = self.base_weight.detach() * self.get_mask(adapter_name)
-        setattr(self.owner, self.parameter_name, nn.Parameter(merged, requires_grad=False))
-        inner = self.base_layer
-        return inner.merged_base_layer(adapter_name) if isinstance(inner, PopupLayer) else inner
-
     def unloaded_base_layer(self) -> nn.Module:
         """The owner module as it was, every nested wrapper dropped.
 

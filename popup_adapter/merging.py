@@ -25,6 +25,7 @@ from .codec import pack_bits
 from .errors import AdapterError, BaseMismatchError
 from .injection import replace_wrappers, tied_parameter_ids, wrapped_module
 from .layers import PopupLayer
+from .redraws import redraw_counts, write_redrawn
 from .sharding import whole_tensor
 
 
@@ -47,9 +48,9 @@ def merge_layer(layer: PopupLayer, in_place: bool) -> None:
         mask = layer.get_mask(adapter)
         layer.packed_mask = pack_bits(mask.cpu().numpy().ravel())
         if in_place:
-            weight.mul_(mask)
+            weight.copy_(layer.masked_value(weight, mask, adapter))
         else:
-            layer.merged_weight = weight * mask
+            layer.merged_weight = layer.masked_value(weight, mask, adapter)
         scores = layer.popup_scores[adapter]
         if torch.equal(scores, layer.scores_for_mask(mask).to(scores.device, scores.dtype)):
             del layer.popup_scores[adapter]
@@ -71,7 +72,7 @@ def unmerge_layer(layer: PopupLayer, base_value: torch.Tensor | None) -> None:
     with torch.no_grad():
         if layer.merged_weight is None:
             base_value = base_value.to(weight.device, weight.dtype)
-            if not torch.equal(base_value * mask, weight):
+            if not torch.equal(layer.masked_value(base_value, mask, adapter), weight):
                 raise BaseMismatchError(
                     "the base regenerated from the seed differs from the merged weights; "
                     "unmerging would change the model (was a base weight changed while merged?)"
@@ -81,6 +82,24 @@ def unmerge_layer(layer: PopupLayer, base_value: torch.Tensor | None) -> None:
             scores = layer.scores_for_mask(mask).to(weight.device)
             layer.popup_scores[adapter] = nn.Parameter(scores, adapter == layer.active_adapter)
     layer.merged_adapter, layer.packed_mask, layer.merged_weight = None, None, None
+
+
+def merged_module(layer: PopupLayer, adapter_name: str) -> nn.Module:
+    """The owner module of ``layer`` with its adapter's masked weight baked in, for every
+    nested wrapper, each as a new parameter (a tied weight stays intact in the other modules
+    that share it).
+
+    Args:
+        layer: the outermost wrapper of a module.
+        adapter_name: whose mask.
+
+    Returns:
+        The plain module, computing exactly what the wrapper computed.
+    """
+    value = layer.masked_value(layer.base_weight, layer.get_mask(adapter_name), adapter_name)
+    setattr(layer.owner, layer.parameter_name, nn.Parameter(value, requires_grad=False))
+    inner = layer.base_layer
+    return merged_module(inner, adapter_name) if isinstance(inner, PopupLayer) else inner
 
 
 class MergeMixin:
@@ -138,7 +157,10 @@ class MergeMixin:
             weight = layer.base_weight
             base_value = None
             if layer.merged_weight is None:
-                base_value = layer_weight(config, target.parameter_path, layer.owner, weight, True)
+                path = target.parameter_path
+                base_value = layer_weight(config, path, layer.owner, weight, True)
+                if redraw_counts(layer) is not None:  # IteRand's redrawn weights
+                    base_value = write_redrawn(base_value, layer, config, path)
             unmerge_layer(layer, base_value)
         self._merged_fingerprint = None
 
@@ -159,7 +181,7 @@ class MergeMixin:
         replace_wrappers(
             self.base_model,
             lambda module: (
-                module.merged_base_layer(adapter)
+                merged_module(module, adapter)
                 if isinstance(module, PopupLayer)
                 else module.modules_to_save[adapter]
             ),

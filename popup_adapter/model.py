@@ -15,6 +15,7 @@ from torch import nn
 
 from .adapters import AdapterBank
 from .base import seed_base
+from .budget import KeptBudget
 from .config import PopupConfig
 from .errors import AdapterError, AlreadyAdaptedError
 from .injection import base_name, inject_wrappers, is_wrapper
@@ -140,6 +141,10 @@ class PopupModel(MultiAdapterMixin, MergeMixin, PretrainedMixin, nn.Module):
         self._bank = AdapterBank(self._shared_tensors)
         #: the base's fingerprint while an adapter is merged into its weights (merge_adapter)
         self._merged_fingerprint: str | None = None
+        #: per adapter with global top-k or a density ramp, its kept counts (popup_adapter.budget)
+        self._budgets: dict[str, KeptBudget] = {}
+        #: the last step IteRand redrew at (update_search)
+        self._redrawn_at: int | None = None
 
         if targets is not None:
             check_stored_targets(model, targets, config.modules_to_save or [], "the artifact")

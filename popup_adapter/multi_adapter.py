@@ -27,13 +27,15 @@ from .adapters import (
     stored_state_problem,
 )
 from .base import is_inside, is_norm_module
+from .budget import KeptBudget
 from .config import PopupConfig
-from .errors import AdapterError, ArtifactError
+from .errors import AdapterError, ArtifactError, ConfigError
 from .injection import (
     base_name,
     is_wrapper,
     unwrapped_view,
 )
+from .redraws import REDRAWS, add_redraw_counts, redraw_pruned, seed_weight_values
 from .seeding import score_values
 from .targets import MaskTarget, resolve_targets
 
@@ -167,6 +169,12 @@ class MultiAdapterMixin:
             raise AdapterError(f"adapter {adapter_name!r} exists already; delete_adapter it first")
         self.unmerge_adapter()
         first = self._backbone_config
+        if config.redraw_every or first.redraw_every:
+            raise AdapterError(
+                f"cannot add adapter {adapter_name!r}: IteRand (redraw_every) changes the base "
+                "weights its adapter searches over, so its backbone carries no other adapter; "
+                "build a separate model for each"
+            )
         if config.base_defining() != first.base_defining():
             raise AdapterError(
                 f"adapter {adapter_name!r} needs another base ({config.base_defining()}) than "
@@ -230,6 +238,7 @@ class MultiAdapterMixin:
             )
         self.unmerge_adapter()
         del self.peft_config[adapter_name]
+        self._budgets.pop(adapter_name, None)
         for module in self._wrappers():
             module.delete_adapter(adapter_name)
         if adapter_name == self.active_adapter:
@@ -239,6 +248,27 @@ class MultiAdapterMixin:
             self.set_adapter(successor)
         else:
             self._bank.remove(adapter_name)
+
+    def update_search(self, step: int | None) -> None:
+        """Tell the masks how far training is: ``step`` optimizer steps done. Moves the
+        density ramp of adapters with ``ramp_steps`` (`popup_adapter.budget`), and runs
+        IteRand's redraws when ``step`` is a multiple of ``redraw_every``
+        (`popup_adapter.redraws`). The shared training loop calls it before every step
+        (gradient accumulation: before every micro-batch, which is harmless); a loop of your
+        own should too.
+
+        Args:
+            step: optimizer steps done, or None when training is over (the ramp ends).
+        """
+        for budget in self._budgets.values():
+            budget.step = step
+        config = self.peft_config[self.active_adapter]
+        every = config.redraw_every
+        if every and step and step % every == 0 and step != self._redrawn_at:
+            self.unmerge_adapter()
+            for target, layer in self._masked_layers():
+                redraw_pruned(layer, config, target.parameter_path, step // every)
+            self._redrawn_at = step  # once, however often this step is reported
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -322,15 +352,19 @@ class MultiAdapterMixin:
         self.unmerge_adapter()
         stored = self._trained_roots()
         state = {}
+        # IteRand's redrawn weights are the mask's: the base is the seed's (see redraws.py)
+        seed_values = seed_weight_values(
+            ((t.parameter_path, layer) for t, layer in self._masked_layers()), self._backbone_config
+        )
         for name, tensor in self.base_model.state_dict(keep_vars=True).items():
-            if ".popup_scores." in name or ".modules_to_save." in name:
+            if ".popup_scores." in name or ".modules_to_save." in name or name.endswith(REDRAWS):
                 continue
             plain = base_name(name)
             if (
                 not is_inside(plain.rsplit(".", 1)[0], stored)
                 and plain.rsplit(".", 1)[-1] not in BATCHNORM_STATS
             ):
-                state[plain] = tensor.detach()
+                state[plain] = seed_values.get(plain, tensor.detach())
         return state
 
     def unload_view(self) -> nn.Module:
@@ -343,6 +377,12 @@ class MultiAdapterMixin:
         return unwrapped_view(self.base_model)
 
     def _add_scores(self, adapter_name: str, config: PopupConfig, draw_scores: bool) -> None:
+        layers = [layer for _, layer in self._masked_layers()]
+        if config.selection == "global" and any(layer.per_expert for layer in layers):
+            raise ConfigError(
+                "selection='global' does not cover expert banks (each expert keeps its own "
+                "top-k); use selection='per_layer' for a mixture-of-experts model"
+            )
         self.peft_config[adapter_name] = config
         for target, layer in self._masked_layers():
             weight = layer.base_weight
@@ -354,7 +394,11 @@ class MultiAdapterMixin:
                 scores = score_values(
                     config.seed, target.parameter_path, weight.shape, layer.fan_in
                 )
-            layer.update_layer(adapter_name, config.k, scores)
+            layer.update_layer(adapter_name, config.k, scores, config.method == "biprop")
+            if config.redraw_every:
+                add_redraw_counts(layer)
+        if config.selection == "global" or config.ramp_steps:
+            self._budgets[adapter_name] = KeptBudget(adapter_name, config, layers)
         for module in self.base_model.modules():
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name)

@@ -25,6 +25,7 @@ from .artifact_files import ArtifactContents, ArtifactFiles, encode_artifact
 from .artifact_schema import CONFIG_NAME
 from .errors import AdapterError, ArtifactError, BaseMismatchError
 from .hub import open_artifact, push_artifact_files
+from .redraws import load_redraw_counts, redraw_counts
 from .sharding import whole_tensor
 from .specs import build_base, describe
 from .structure import describe_structure
@@ -104,6 +105,13 @@ class PretrainedMixin:
                 "into the plain model. Save the mask before merging (model.save_pretrained), "
                 "or save the merged model with its own library's save_pretrained"
             )
+        budget = self._budgets.get(adapter_name)
+        if budget is not None and budget.density != budget.k:
+            raise AdapterError(
+                f"adapter {adapter_name!r} is mid-ramp (step {budget.step}, keeping "
+                f"{budget.density:.3f} rather than k={budget.k}); an artifact holds the final "
+                "mask: train past ramp_steps, or call model.update_search(None) to end the ramp"
+            )
         masks = self.get_masks(adapter_name)
         return ArtifactContents(
             adapter_name=adapter_name,
@@ -116,6 +124,11 @@ class PretrainedMixin:
                 for target, layer in self._masked_layers()
             ],
             state={k: whole_tensor(v) for k, v in self.trained_state(adapter_name).items()},
+            redraws={
+                target.key: counts[masks[target.key].to(counts.device)].cpu().numpy()
+                for target, layer in self._masked_layers()
+                if (counts := redraw_counts(layer)) is not None
+            },
         )
 
     def artifact_files(
@@ -306,4 +319,8 @@ class PretrainedMixin:
         with torch.no_grad():
             for name, layer in masked.items():
                 layer.load_mask(adapter_name, artifact.mask(name))
+            if artifact.config.redraw_every:  # IteRand: the kept weights' redraws, regenerated
+                for target, layer in self._masked_layers():
+                    counts = artifact.redraw_counts(target.key)
+                    load_redraw_counts(layer, artifact.config, target.parameter_path, counts)
         self.load_trained_state(adapter_name, artifact.stored_state(), where=artifact.weights_path)

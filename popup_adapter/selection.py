@@ -97,8 +97,16 @@ class SelectionState:
         self.threshold = threshold
 
 
-def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th largest of a 1-D tensor, by selection (``kthvalue``), not a sort."""
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest of a 1-D tensor, by selection (``kthvalue``), not a sort.
+
+    Args:
+        values: 1-D.
+        k: from 1 (the largest) to ``values.numel()``.
+
+    Returns:
+        A 0-d tensor.
+    """
     return values.kthvalue(values.numel() - k + 1).values
 
 
@@ -115,11 +123,19 @@ def _break_ties(magnitude: torch.Tensor, threshold: torch.Tensor, kept: int) -> 
 _BAND_TRIES = 4
 
 
-def _search_bands(state: SelectionState, try_band: Callable) -> tuple[Any, bool] | None:
+def search_bands(state: SelectionState, try_band: Callable) -> tuple[Any, bool] | None:
     """``try_band(low, high)`` on the predicted interval, then on intervals moved toward the
     threshold: ``(its result, whether the first interval held the threshold)``, or None after
     ``_BAND_TRIES`` misses. ``try_band`` returns ``(result, None)`` when the threshold is in
-    the interval, else ``(None, whether it lies above)``."""
+    the interval, else ``(None, whether it lies above)``.
+
+    Args:
+        state: the threshold's prediction (a layer's, or a global one).
+        try_band: ``(low, high) -> (result or None, whether the threshold lies above)``.
+
+    Returns:
+        ``(result, first_try)``, or None.
+    """
     low, high = state.predicted_interval()
     for attempt in range(_BAND_TRIES):
         found, threshold_above = try_band(low, high)
@@ -141,7 +157,7 @@ def _eager_band(magnitude: torch.Tensor, kept: int) -> Callable:
         if above_high + in_band.numel() < kept:
             return None, False
         needed = kept - above_high
-        threshold = _kth_largest(in_band, needed)
+        threshold = kth_largest(in_band, needed)
         return (threshold, int((in_band >= threshold).sum()) == needed), None
 
     return try_band
@@ -166,14 +182,14 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
     if kept >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
     if state is None or torch.compiler.is_compiling():
-        threshold = _kth_largest(magnitude, kept)
+        threshold = kth_largest(magnitude, kept)
         return _break_ties(magnitude, threshold, kept).view_as(scores)
 
     found = None
     if state.threshold is not None:
-        found = _search_bands(state, _eager_band(magnitude, kept))
+        found = search_bands(state, _eager_band(magnitude, kept))
     if found is None:
-        threshold = _kth_largest(magnitude, kept)
+        threshold = kth_largest(magnitude, kept)
         no_ties, first_try = None, False  # ties unknown: counted below
     else:
         (threshold, no_ties), first_try = found
@@ -184,6 +200,22 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
     if not no_ties:  # ties at the threshold: rare with float scores
         mask = _break_ties(magnitude, threshold, kept)
     return mask.view_as(scores)
+
+
+def binarize_(masked: torch.Tensor, kept: int) -> torch.Tensor:
+    """biprop's weights from ``W * M``, in place: ``alpha * sign(W) * M``, ``alpha`` the mean
+    |W| over the ``kept`` weights (Diffenderfer & Kailkhura 2021). A fixed random sign and one
+    learned-by-selection scale per layer: what a binary network stores.
+
+    Args:
+        masked: ``W * M`` of one mask (a layer, or one expert).
+        kept: how many weights ``M`` keeps.
+
+    Returns:
+        ``masked``, overwritten.
+    """
+    alpha = masked.detach().abs().sum(dtype=torch.float64) / kept
+    return masked.sign_().mul_(alpha.to(masked.dtype))
 
 
 class StraightThroughMask(torch.autograd.Function):
@@ -203,6 +235,7 @@ class StraightThroughMask(torch.autograd.Function):
         scores: torch.Tensor,
         kept: int,
         state: SelectionState | None = None,
+        binary: bool = False,
     ) -> torch.Tensor:
         """``weight * mask``, the mask the top ``kept`` of ``|scores|``.
 
@@ -212,32 +245,34 @@ class StraightThroughMask(torch.autograd.Function):
             scores: the scores.
             kept: how many weights to keep.
             state: the layer's threshold prediction, or None.
+            binary: biprop's `binarize_` of the result.
 
         Returns:
-            ``weight * mask``.
+            ``weight * mask`` (or its binarized form).
         """
         mask = topk_mask(scores, kept, state)
         # the mask is only needed for a weight gradient (weights are frozen in edge-popup)
         ctx.save_for_backward(weight, scores, mask if weight.requires_grad else None)
-        return weight * mask
+        return binarize_(weight * mask, kept) if binary else weight * mask
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Straight-through: every score gets ``grad * W * sign(S)``.
+        """Straight-through: every score gets ``grad * W * sign(S)``. With ``binary`` too, as
+        biprop's reference code does (``grad * |W|`` to the mask, alpha held constant).
 
         Args:
             ctx: autograd's context.
-            grad_output: the gradient with respect to ``weight * mask``.
+            grad_output: the gradient with respect to the forward's output.
 
         Returns:
-            ``(grad for the weight where it requires one, grad for the scores, None, None)``.
+            ``(grad for the weight where it requires one, grad for the scores, None...)``.
         """
         weight, scores, mask = ctx.saved_tensors
         grad_weight = grad_output * mask if ctx.needs_input_grad[0] else None
         grad_scores = None
         if ctx.needs_input_grad[1]:
             grad_scores = (grad_output * weight * scores.sign()).to(scores.dtype)
-        return grad_weight, grad_scores, None, None
+        return grad_weight, grad_scores, None, None, None
 
 
 class FusedStraightThroughMask(torch.autograd.Function):
@@ -253,6 +288,7 @@ class FusedStraightThroughMask(torch.autograd.Function):
         kept: int,
         state: SelectionState,
         single_use: bool = False,
+        binary: bool = False,
     ) -> torch.Tensor:
         """``weight * mask``: tries the band around the last threshold, else the exact
         threshold from ``kthvalue`` (first step, or the threshold moved out of the band).
@@ -264,9 +300,10 @@ class FusedStraightThroughMask(torch.autograd.Function):
             kept: how many weights to keep.
             state: the layer's threshold prediction.
             single_use: the output feeds one consumer only (its gradient may be reused in place).
+            binary: biprop's `binarize_` of the result.
 
         Returns:
-            ``weight * mask``.
+            ``weight * mask`` (or its binarized form).
         """
         forward_kernel = torch.ops.popup_adapter.masked_weight_forward
         weight, scores_c = weight.contiguous(), scores.detach().contiguous()
@@ -277,10 +314,10 @@ class FusedStraightThroughMask(torch.autograd.Function):
                 return (out, threshold), None
             return None, status == kernels.ABOVE_BAND
 
-        found = _search_bands(state, try_band) if state.threshold is not None else None
+        found = search_bands(state, try_band) if state.threshold is not None else None
         if found is None:
             magnitude = scores_c.abs().flatten()
-            threshold = float(_kth_largest(magnitude, kept))
+            threshold = float(kth_largest(magnitude, kept))
             out, threshold, _ = forward_kernel(weight, scores_c, kept, threshold, threshold)
             first_try = False
         else:
@@ -288,7 +325,7 @@ class FusedStraightThroughMask(torch.autograd.Function):
         state.record(threshold, first_try)
         ctx.save_for_backward(weight, scores_c)
         ctx.single_use = single_use
-        return out
+        return binarize_(out, kept) if binary else out
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -300,7 +337,7 @@ class FusedStraightThroughMask(torch.autograd.Function):
             grad_output: the gradient with respect to ``weight * mask``.
 
         Returns:
-            ``(None, grad for the scores, None, None, None)``.
+            ``(None, grad for the scores, None...)``.
         """
         weight, scores = ctx.saved_tensors
         grad = grad_output.contiguous()
@@ -308,7 +345,7 @@ class FusedStraightThroughMask(torch.autograd.Function):
             grad_scores = torch.ops.popup_adapter.straight_through_backward_(grad, weight, scores)
         else:
             grad_scores = torch.ops.popup_adapter.straight_through_backward(grad, weight, scores)
-        return None, grad_scores, None, None, None
+        return None, grad_scores, None, None, None, None
 
 
 def _fused_kernels_apply(
@@ -340,6 +377,7 @@ def masked_weight(
     state: SelectionState | None = None,
     single_use: bool = False,
     fused: bool | None = None,
+    binary: bool = False,
 ) -> torch.Tensor:
     """``weight * topk_mask(scores, kept)`` with the straight-through gradient to ``scores``.
 
@@ -357,6 +395,8 @@ def masked_weight(
         fused: whether the fused CPU kernels may serve the call (default:
             `popup_adapter.kernels.use_kernels`); masked layers pass the setting they
             captured when built.
+        binary: biprop: ``alpha * sign(W) * M`` instead (`binarize_`), with the same
+            straight-through gradient.
 
     Returns:
         ``weight * M``, differentiable with respect to ``scores`` (straight-through).
@@ -364,5 +404,5 @@ def masked_weight(
     if fused is None:
         fused = kernels.use_kernels()
     if _fused_kernels_apply(weight, scores, state, fused):
-        return FusedStraightThroughMask.apply(weight, scores, kept, state, single_use)
-    return StraightThroughMask.apply(weight, scores, kept, state)
+        return FusedStraightThroughMask.apply(weight, scores, kept, state, single_use, binary)
+    return StraightThroughMask.apply(weight, scores, kept, state, binary)

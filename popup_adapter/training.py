@@ -228,6 +228,13 @@ def prepare_run(
     return run
 
 
+def _report_step(run: Run, step: int | None) -> None:
+    """Tell a PopupModel how far training is (its density ramp; None: training is over)."""
+    model = run.accelerator.unwrap_model(run.model)
+    if isinstance(model, PopupModel):
+        model.update_search(step)
+
+
 def _train_epoch(run: Run, args: TrainingArguments, forward: Callable, bar) -> None:
     """Optimizer steps until the epoch ends or the run stops, resuming mid-epoch."""
     accelerator, progress = run.accelerator, run.progress
@@ -242,6 +249,7 @@ def _train_epoch(run: Run, args: TrainingArguments, forward: Callable, bar) -> N
         # dropout and other in-model randomness: from (seed, step, rank), so a resumed run
         # draws what the uninterrupted one drew
         seed = derived_seed(args.seed, batch_index, epoch, accelerator.process_index)
+        _report_step(run, progress.step)
         with seeded_rngs(seed, accelerator.device), accelerator.accumulate(run.model):
             logits, labels = forward(run.model, batch)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
@@ -283,6 +291,8 @@ def run_loop(run: Run, args: TrainingArguments, forward: Callable = default_forw
     run.model.train()
     while progress.step < run.stop_at:
         _train_epoch(run, args, forward, bar)
+        if progress.step >= run.stop_at:
+            _report_step(run, None)  # the ramp ends with training: evaluate and save at k
         epoch_done = progress.step % run.steps_per_epoch == 0
         if run.eval_loader is not None and epoch_done:
             metrics = evaluate(run.accelerator, run.model, run.eval_loader, forward)

@@ -350,6 +350,8 @@ GOLDEN = Path(__file__).parent / "data"
         "format_v2/mixtral",
         "format_v2/gelu_resnet",
         "format_v2/vit",
+        "format_v3/conv4",
+        "format_v3/bert",
     ],
 )
 def test_earlier_formats_still_load(name):
@@ -364,7 +366,10 @@ def test_earlier_formats_still_load(name):
     loaded = PopupModel.from_pretrained(GOLDEN / name)
     with torch.no_grad():
         out = logits(loaded(io["input"])) if "input" in io else zoo.forward_output(loaded, inputs)
-    assert torch.equal(out, io["output"])
+    # the base (fingerprint) and the masks (kept counts) are checked bit for bit by the load
+    # itself; the float kernels' last bits depend on the CPU (AVX2 or AVX-512 convolutions
+    # sum in another order), so the outputs are compared to a few ulps of float32
+    torch.testing.assert_close(out, io["output"], rtol=1e-5, atol=1e-5)
 
 
 def test_importing_changes_no_umask_and_files_follow_it(tmp_path):

@@ -12,20 +12,37 @@ from popup_adapter.convnets import create_conv_net
 from popup_adapter.distributed import check_fsdp_units, full_parameters
 
 
-def _train_one_step(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def _train_one_step(
+    rank: int, world_size: int, init_file: str, out_dir: str, config: dict | None = None
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
-    model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
+    model = get_popup_model(create_conv_net("conv2", width=0.25), **(config or {"k": 0.3}))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.5)
-    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(rank))
-    ddp(x).square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    optimizer.step()
+    for step in range(2):
+        x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(rank + 10 * step))
+        ddp(x).square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if step == 0:
+            optimizer.step()
+            optimizer.zero_grad()
     torch.save({"masks": model.get_masks(), "grads": grads}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
+
+
+def test_ddp_global_top_k_keeps_one_exact_count_on_every_rank():
+    config = {"k": 0.1, "selection": "global", "min_layer_k": 0.02}
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_train_one_step, args=(2, os.path.join(tmp, "init"), tmp, config), nprocs=2)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+    masks = ranks[0]["masks"]
+    assert all(torch.equal(mask, ranks[1]["masks"][name]) for name, mask in masks.items())
+    total = sum(mask.numel() for mask in masks.values())
+    assert sum(int(mask.sum()) for mask in masks.values()) == round(0.1 * total)
+    assert all(int(mask.sum()) >= round(0.02 * mask.numel()) for mask in masks.values())
 
 
 def test_ddp_averages_score_gradients_and_keeps_masks_identical():
@@ -38,11 +55,16 @@ def test_ddp_averages_score_gradients_and_keeps_masks_identical():
     for name, mask in ranks[0]["masks"].items():
         assert torch.equal(mask, ranks[1]["masks"][name]), name
 
-    # the averaged gradient is the mean of what each rank alone would compute
+    # the averaged gradient (of the second step) is the mean of what each rank alone computes
     single = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3)
-    for rank in range(2):
-        x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(rank))
-        (single(x).square().mean() / 2).backward()
+    optimizer = torch.optim.SGD([p for p in single.parameters() if p.requires_grad], lr=0.5)
+    for step in range(2):
+        for rank in range(2):
+            x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(rank + 10 * step))
+            (single(x).square().mean() / 2).backward()
+        if step == 0:
+            optimizer.step()
+            optimizer.zero_grad()
     for name, param in single.named_parameters():
         if param.grad is not None:
             assert torch.allclose(param.grad, ranks[0]["grads"][name], atol=1e-6), name

@@ -132,3 +132,37 @@ def test_every_python_block_imports_what_it_uses(page):
         problems += [line for line in result.stdout.splitlines() if "F821" in line]
         earlier |= _assigned_names(code)
     assert problems == [], f"{page.name}: a block uses a name it does not import: {problems}"
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The package modules ``path`` imports at run time (not under ``TYPE_CHECKING``)."""
+    tree = ast.parse(path.read_text())
+    type_only = {
+        id(node)
+        for branch in ast.walk(tree)
+        if isinstance(branch, ast.If) and getattr(branch.test, "id", "") == "TYPE_CHECKING"
+        for node in ast.walk(branch)
+    }
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in type_only:
+            imported |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return imported
+
+
+def test_the_architecture_table_lists_every_module_below_what_it_imports():
+    """docs/architecture.md says the package reads top-down: each file imports only files
+    above it in its table. Hold the page to the code."""
+    package = DOCS.parent / "popup_adapter"
+    table = (DOCS / "architecture.md").read_text()
+    order = [
+        name
+        for row in re.findall(r"^\| ((?:`[a-z_]+\.py`(?:, )?)+) \|", table, re.M)
+        for name in re.findall(r"`([a-z_]+)\.py`", row)
+    ]
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
+    assert sorted(order) == sorted(modules), "every module is in the table, once"
+    position = {name: index for index, name in enumerate(order)}
+    for name in order:
+        for imported in _package_imports(package / f"{name}.py") & set(position):
+            assert position[imported] < position[name], f"{name}.py imports {imported}.py below it"

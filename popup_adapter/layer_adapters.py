@@ -1,0 +1,180 @@
+"""What one masked layer holds per adapter, and the masks it gives: scores, kept counts,
+selection states and method (edge-popup's ``W * M`` or biprop's binarized form), added,
+switched, deleted and loaded as PEFT's tuner layers do.
+
+[`PopupLayer`][popup_adapter.PopupLayer] takes this mixin; its forward lives in `.layers`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .budget import KeptBudget
+from .codec import unpack_bits
+from .errors import AdapterError, ArtifactError
+from .selection import SelectionState, binarize_, num_kept, topk_mask
+from .sharding import whole_tensor
+
+
+class AdapterMasksMixin:
+    """Per-adapter state of a masked layer (host: `PopupLayer`, which owns the dicts:
+    ``popup_scores``, ``popup_kept``, ``popup_selection``, ``popup_binary``,
+    ``popup_budget``, and the merged state)."""
+
+    #: the adapters whose counts a model-wide budget sets (global top-k, a density ramp)
+    popup_budget: dict[str, KeptBudget]
+
+    def update_layer(
+        self, adapter_name: str, k: float, scores: torch.Tensor, binary: bool = False
+    ) -> None:
+        """Add (or replace) the scores of an adapter.
+
+        Args:
+            adapter_name: the adapter.
+            k: the fraction each mask keeps (``round(k * n)`` weights, per expert for a bank).
+            scores: shaped like the weight; trainable only while ``adapter_name`` is active.
+            binary: the kept weights are biprop's ``alpha * sign(W)``.
+
+        Raises:
+            AdapterError: ``scores`` has another shape than the weight.
+        """
+        weight = self.base_weight
+        if scores.shape != weight.shape:
+            raise AdapterError(
+                f"scores of shape {tuple(scores.shape)} do not fit a weight of "
+                f"shape {tuple(weight.shape)}"
+            )
+        # only the active adapter's scores train (set_adapter moves that), as in PEFT
+        active = adapter_name == self.active_adapter
+        self.popup_scores[adapter_name] = nn.Parameter(scores.to(weight.device), active)
+        self.popup_kept[adapter_name] = num_kept(k, weight.numel() // self.num_masks)
+        self.popup_selection[adapter_name] = [SelectionState() for _ in range(self.num_masks)]
+        self.popup_binary[adapter_name] = binary
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``'s scores from this layer.
+
+        Args:
+            adapter_name: the adapter to remove.
+
+        Raises:
+            AdapterError: the layer holds a merged ``W * M`` (unmerge first).
+        """
+        self._refuse_while_merged(f"delete adapter {adapter_name!r}")
+        del self.popup_scores[adapter_name]
+        del self.popup_kept[adapter_name]
+        del self.popup_selection[adapter_name]
+        del self.popup_binary[adapter_name]
+        self.popup_budget.pop(adapter_name, None)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        """Make ``adapter_name`` the active mask; only its scores require grad (as in PEFT).
+
+        Args:
+            adapter_name: the adapter, or None for the unmasked base (adapters disabled).
+
+        Raises:
+            AdapterError: another adapter is merged into the weight (unmerge first).
+        """
+        if adapter_name != self.merged_adapter:
+            self._refuse_while_merged(f"switch to adapter {adapter_name!r}")
+        for name, scores in self.popup_scores.items():
+            scores.requires_grad_(name == adapter_name)
+        self.active_adapter = adapter_name
+
+    def _per_mask(self, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
+        return tensor.unbind(0) if self.per_expert else (tensor,)
+
+    def load_mask(self, adapter_name: str, mask: torch.Tensor) -> None:
+        """Set an adapter's scores so that its top-k is exactly ``mask`` (a loaded mask): kept
+        weights score 1/sqrt(fan_in), the initial scores' scale, the others 0.
+
+        Args:
+            adapter_name: the adapter.
+            mask: bool, shaped like the weight, keeping exactly the adapter's count per mask.
+
+        Raises:
+            ArtifactError: another shape, or other kept counts.
+        """
+        scores, kept = self.popup_scores[adapter_name], self.popup_kept[adapter_name]
+        counts = [int(part.sum()) for part in self._per_mask(mask)] if mask.ndim else []
+        budget = self.popup_budget.get(adapter_name)
+        if budget is not None and budget.selection == "global" and mask.shape == scores.shape:
+            kept = counts[0]  # a global mask's layers keep what they kept (the artifact checks)
+        if mask.shape != scores.shape or any(count != kept for count in counts):
+            raise ArtifactError(
+                f"a mask of shape {tuple(mask.shape)} keeping {counts} does not fit this layer "
+                f"({tuple(scores.shape)}, keeping {kept} in each of {self.num_masks} masks)"
+            )
+        with torch.no_grad():
+            scores.copy_(self.scores_for_mask(mask).to(scores.device, scores.dtype))
+        self.popup_kept[adapter_name] = kept
+
+    def scores_for_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The scores a loaded mask gets: kept weights 1/sqrt(fan_in), the others 0.
+
+        Args:
+            mask: bool, shaped like the weight.
+
+        Returns:
+            float32 scores whose top-k is ``mask``.
+        """
+        return mask.float() / math.sqrt(self.fan_in)
+
+    def get_mask(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The current mask of an adapter.
+
+        Args:
+            adapter_name: whose (default: the active adapter).
+
+        Returns:
+            A bool tensor shaped like the weight (a sharded score is gathered whole first).
+        """
+        adapter_name = adapter_name or self.active_adapter
+        if adapter_name == self.merged_adapter:  # its scores may be gone: the packed bits
+            weight = self.base_weight
+            bits = unpack_bits(self.packed_mask, weight.numel()).reshape(weight.shape)
+            return torch.from_numpy(bits).to(weight.device)
+        scores = whole_tensor(self.popup_scores[adapter_name])  # the mask is per whole layer
+        kept = self._current_kept(adapter_name)
+        masks = [topk_mask(part, kept) for part in self._per_mask(scores)]
+        return torch.stack(masks) if self.per_expert else masks[0]
+
+    def _current_kept(self, adapter_name: str) -> int:
+        budget = self.popup_budget.get(adapter_name)
+        if budget is not None:
+            budget.refresh()  # the scores or the ramp may have moved since the last call
+        return self.popup_kept[adapter_name]
+
+    def masked_value(self, weight: torch.Tensor, mask: torch.Tensor, adapter_name: str):
+        """What the forward computes with, from a weight and a mask: ``weight * mask``, or
+        biprop's ``alpha * sign(W) * M`` for a binary adapter (what merging writes).
+
+        Args:
+            weight: the base weight (or one regenerated from the seed).
+            mask: bool, shaped like it.
+            adapter_name: whose method.
+
+        Returns:
+            A new tensor shaped like ``weight``.
+        """
+        value = weight.detach() * mask
+        if self.popup_binary[adapter_name]:
+            for part, part_mask in zip(self._per_mask(value), self._per_mask(mask), strict=True):
+                binarize_(part, int(part_mask.sum()))
+        return value
+
+    # -- merged (see popup_adapter.merging)
+    def _refuse_while_merged(self, action: str) -> None:
+        # a merged weight is one adapter's W * M: another mask (or none) from it is wrong
+        if self.merged_adapter is not None:
+            raise AdapterError(
+                f"cannot {action}: adapter {self.merged_adapter!r} is merged into this "
+                "layer's weight; call unmerge_adapter() on the model first"
+            )
