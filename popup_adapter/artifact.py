@@ -140,11 +140,12 @@ class Artifact:
             f"trained on; their structures first differ at {difference}\n{fix}{versions}"
         )
 
-    def mask(self, name: str) -> torch.Tensor:
+    def mask(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The decoded boolean mask of layer ``name``.
 
         Args:
             name: a layer of `layers`.
+            weight: the regenerated base weight it masks (a mask coded given |W| needs it).
 
         Returns:
             The bool mask, shaped as the layer.
@@ -159,6 +160,8 @@ class Artifact:
             tuple(layer["shape"]),
             layer["kept"],
             where=f"{self.weights_path}, layer {name!r}",
+            weight=weight,
+            bucket_kept=layer.get("bucket_kept"),
         )
 
     def redraw_counts(self, name: str) -> np.ndarray:

@@ -33,7 +33,7 @@ from .artifact_schema import (
     weights_name,
 )
 from .card import model_card
-from .codec import encode_counts, encode_mask
+from .codec import encode_counts, encode_mask, encode_mask_given_base
 from .config import PopupConfig
 from .errors import ArtifactError
 from .storage import commit_files
@@ -107,6 +107,9 @@ class ArtifactContents:
     state: dict[str, torch.Tensor]
     #: IteRand: each masked tensor's redraw counts of its kept weights, in flat order
     redraws: dict[str, np.ndarray] = field(default_factory=dict)
+    #: each masked tensor's base weight, as a load regenerates it before decoding (the masks
+    #: are then coded given |W|, where that is smaller; see popup_adapter.codec)
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def encode_artifact(
@@ -135,7 +138,12 @@ def encode_artifact(
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     for target, mask, experts in contents.masks:
-        encoding, payload = encode_mask(mask)
+        weight = contents.base_weights.get(target.key)
+        bucket_kept = None
+        if weight is None:
+            encoding, payload = encode_mask(mask)
+        else:
+            encoding, payload, bucket_kept = encode_mask_given_base(mask, weight)
         tensors[MASK_PREFIX + target.key] = torch.from_numpy(payload)
         layers[target.key] = {
             "module": target.module,
@@ -144,6 +152,7 @@ def encode_artifact(
             "kept": int(mask.sum()),
             "encoding": encoding,
             **({"experts": experts} if experts is not None else {}),
+            **({"bucket_kept": bucket_kept} if bucket_kept is not None else {}),
         }
         if target.key in contents.redraws:
             histogram, counts = encode_counts(contents.redraws[target.key])

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codec import ENCODINGS, MAX_COUNT
+from .codec import ENCODINGS, MAGNITUDE_BUCKETS, MAX_COUNT
 from .config import PopupConfig
 from .errors import ArtifactError, ConfigError
 from .selection import num_kept
@@ -277,6 +277,17 @@ def _check_layer(name: str, layer: Any, version: int, config: PopupConfig, where
             f"{where}: layer {name!r} has encoding {layer['encoding']!r}; this popup_adapter "
             f"knows {list(ENCODINGS)}. Upgrade popup_adapter?"
         )
+    if layer["encoding"] == "rans_magnitude":  # the kept count of each |W| bucket
+        counts = _field(layer, "bucket_kept", list, where, f"{path}.bucket_kept")
+        if not (
+            len(counts) == MAGNITUDE_BUCKETS
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+            and sum(counts) == kept
+        ):
+            raise ArtifactError(
+                f"{where}: field '{path}.bucket_kept' must split the {kept} kept weights over "
+                f"{MAGNITUDE_BUCKETS} |W| buckets; {_CORRUPTED}"
+            )
     if config.redraw_every:  # IteRand: the kept weights' redraw counts, as a histogram
         histogram = _field(layer, "redraws", list, where, f"{path}.redraws")
         if not (

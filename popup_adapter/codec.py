@@ -8,7 +8,14 @@ stored with whichever encoding is smaller:
 - ``rans``: an rANS stream (the maintained ``constriction`` library, Rust) under a Bernoulli
   model of probability ``kept / n``: within a few bytes of the entropy bound, and it decodes
   ResNet-50's 25M weights in a fraction of a second;
-- ``all``: no payload, every weight kept (k = 1).
+- ``all``: no payload, every weight kept (k = 1);
+- ``rans_magnitude`` (format 4): rANS with a probability per |W| quantile bucket of the
+  layer. The i.i.d. bound above assumes every weight is kept with the same probability, but
+  the loader regenerates the base before it decodes, and a trained mask leans on it (a
+  pretrained base's kept weights follow |W|; over a Kaiming base they lean to large |W|). The
+  counts kept per bucket are stored beside the payload (`MAGNITUDE_BUCKETS` numbers); the
+  encoding is used only where it is smaller, so it never loses (a signed-constant base, whose
+  |W| are all equal, gets the plain coder).
 
 The payload is a flat ``uint8`` array so it can live in a safetensors file.
 """
@@ -23,7 +30,9 @@ import torch
 
 from .errors import ArtifactError
 
-ENCODINGS = ("packed", "rans", "all")
+ENCODINGS = ("packed", "rans", "all", "rans_magnitude")
+#: |W| quantile buckets of the ``rans_magnitude`` coder
+MAGNITUDE_BUCKETS = 16
 
 
 def entropy_bits(numel: int, kept: int) -> float:
@@ -96,8 +105,64 @@ def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
     return "packed", packed
 
 
+def magnitude_buckets(weight: torch.Tensor) -> np.ndarray:
+    """Each weight's |W| quantile bucket in its layer, from exact order statistics (the same on
+    every machine: comparisons of the regenerated float32 values only).
+
+    Args:
+        weight: the base weight (any shape).
+
+    Returns:
+        A flat int64 array of buckets in ``[0, MAGNITUDE_BUCKETS)``.
+    """
+    magnitude = weight.detach().to("cpu", torch.float32).reshape(-1).abs().numpy()
+    ranks = [magnitude.size * b // MAGNITUDE_BUCKETS for b in range(1, MAGNITUDE_BUCKETS)]
+    edges = np.partition(magnitude, ranks)[ranks]
+    return np.searchsorted(edges, magnitude, side="right")
+
+
+def _bucket_probabilities(buckets: np.ndarray, bucket_kept: list[int]) -> np.ndarray:
+    sizes = np.bincount(buckets, minlength=MAGNITUDE_BUCKETS)
+    return (np.asarray(bucket_kept, np.float64) / np.maximum(sizes, 1))[buckets]
+
+
+def encode_mask_given_base(
+    mask: torch.Tensor, weight: torch.Tensor
+) -> tuple[str, np.ndarray, list[int] | None]:
+    """The smaller of `encode_mask`'s encodings and ``rans_magnitude``, which codes each bit
+    with the kept fraction of its weight's |W| bucket (the loader knows the base).
+
+    Args:
+        mask: bool, shaped like ``weight``.
+        weight: the base weight the loader regenerates before decoding.
+
+    Returns:
+        ``(encoding, uint8 payload, kept count per bucket or None)``.
+    """
+    encoding, payload = encode_mask(mask)
+    bits = mask.detach().to("cpu").reshape(-1).numpy().astype(bool)
+    if encoding == "all" or not bits.any():
+        return encoding, payload, None
+    buckets = magnitude_buckets(weight)
+    bucket_kept = np.bincount(buckets, weights=bits, minlength=MAGNITUDE_BUCKETS)
+    bucket_kept = bucket_kept.astype(np.int64).tolist()
+    coder = constriction.stream.stack.AnsCoder()
+    family = constriction.stream.model.Bernoulli(perfect=False)
+    coder.encode_reverse(bits.astype(np.int32), family, _bucket_probabilities(buckets, bucket_kept))
+    words = coder.get_compressed().astype("<u4")
+    if words.nbytes + 4 * MAGNITUDE_BUCKETS < payload.nbytes:  # the counts cost a few bytes
+        return "rans_magnitude", words.view(np.uint8), bucket_kept
+    return encoding, payload, None
+
+
 def decode_mask(
-    encoding: str, payload: np.ndarray, shape: tuple[int, ...], kept: int, where: str
+    encoding: str,
+    payload: np.ndarray,
+    shape: tuple[int, ...],
+    kept: int,
+    where: str,
+    weight: torch.Tensor | None = None,
+    bucket_kept: list[int] | None = None,
 ) -> torch.Tensor:
     """The boolean mask back from `encode_mask`'s output.
 
@@ -107,6 +172,8 @@ def decode_mask(
         shape: the mask's shape.
         kept: how many entries are True.
         where: names the layer and file in an error.
+        weight: the base weight (``rans_magnitude`` only).
+        bucket_kept: the kept count per |W| bucket (``rans_magnitude`` only).
 
     Returns:
         The bool mask of ``shape``.
@@ -125,16 +192,23 @@ def decode_mask(
                 f"shape {shape} needs {(numel + 7) // 8}; the file is corrupted"
             )
         bits = unpack_bits(payload, numel)
-    elif encoding == "rans":
+    elif encoding in ("rans", "rans_magnitude"):
         if payload.size % 4 or not 0 < kept < numel:
             raise ArtifactError(f"{where}: malformed rANS payload; the file is corrupted")
         words = np.frombuffer(payload.tobytes(), dtype="<u4").astype(np.uint32)
         try:
-            bits = (
-                constriction.stream.stack.AnsCoder(words)
-                .decode(_bernoulli(numel, kept), numel)
-                .astype(bool)
-            )
+            coder = constriction.stream.stack.AnsCoder(words)
+            if encoding == "rans":
+                bits = coder.decode(_bernoulli(numel, kept), numel).astype(bool)
+            else:
+                buckets = magnitude_buckets(weight)
+                probabilities = _bucket_probabilities(buckets, bucket_kept)
+                family = constriction.stream.model.Bernoulli(perfect=False)
+                bits = coder.decode(family, probabilities).astype(bool)
+                if np.bincount(buckets, weights=bits, minlength=MAGNITUDE_BUCKETS).tolist() != [
+                    float(n) for n in bucket_kept
+                ]:
+                    raise ValueError("the kept counts per |W| bucket differ")
         except Exception as error:  # constriction raises its own types on a bad stream
             raise ArtifactError(
                 f"{where}: the rANS stream does not decode ({error}); the file is corrupted"

@@ -26,6 +26,7 @@ from .artifact_schema import CONFIG_NAME
 from .errors import AdapterError, ArtifactError, BaseMismatchError
 from .hub import open_artifact, push_artifact_files
 from .redraws import load_redraw_counts, redraw_counts
+from .seeding import fingerprint
 from .sharding import whole_tensor
 from .specs import build_base, describe
 from .structure import describe_structure
@@ -113,17 +114,25 @@ class PretrainedMixin:
                 "mask: train past ramp_steps, or call model.update_search(None) to end the ramp"
             )
         masks = self.get_masks(adapter_name)
+        # the base as a load regenerates it, to code the masks given |W| (a served model's
+        # weights hold W * M: it is not unmerged for this, its masks are coded plainly)
+        base = {} if self.merged else {k: whole_tensor(v) for k, v in self.base_state().items()}
         return ArtifactContents(
             adapter_name=adapter_name,
             config=self.peft_config[adapter_name],
             base_spec=self.base_spec,
-            base_fingerprint=self.base_fingerprint,
+            base_fingerprint=fingerprint(base.items()) if base else self.base_fingerprint,
             base_structure=self.base_structure,
             masks=[
                 (target, masks[target.key], layer.num_masks if layer.per_expert else None)
                 for target, layer in self._masked_layers()
             ],
             state={k: whole_tensor(v) for k, v in self.trained_state(adapter_name).items()},
+            base_weights={
+                target.key: base[target.parameter_path]
+                for target, _ in self._masked_layers()
+                if target.parameter_path in base
+            },
             redraws={
                 target.key: counts[masks[target.key].to(counts.device)].cpu().numpy()
                 for target, layer in self._masked_layers()
@@ -318,7 +327,7 @@ class PretrainedMixin:
         artifact.check_base(shapes, self.base_fingerprint)
         with torch.no_grad():
             for name, layer in masked.items():
-                layer.load_mask(adapter_name, artifact.mask(name))
+                layer.load_mask(adapter_name, artifact.mask(name, layer.base_weight))
             if artifact.config.redraw_every:  # IteRand: the kept weights' redraws, regenerated
                 for target, layer in self._masked_layers():
                     counts = artifact.redraw_counts(target.key)

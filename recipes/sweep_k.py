@@ -6,13 +6,14 @@ with the search methods side by side.
     python recipes/sweep_k.py --models conv6 --ks 0.05,0.1 --seeds 0,1,2 \\
         --methods edge_popup,biprop,edge_popup+global --inits kaiming_normal
 
-For each model, method (``edge_popup``, ``biprop``, and either with ``+global``: one top-k
-across the network, its density ramped from 1 to k over ``--ramp-epochs``, each layer keeping
-at least ``--min-layer-k``), init (``signed_constant``, ``kaiming_normal``, and their
-``+scaled`` variants with ``scale_fan``), k and seed, a mask is searched with the shared
-training loop; the same architecture is trained densely for each learning rate of
-``--dense-lrs`` and each budget of ``--dense-epochs`` (the best lr per budget is the baseline).
-Every finished run is a row of ``results.csv``, with its test accuracy and published bytes; an
+For each model, method (``edge_popup``, ``biprop``, either with ``+global``: one top-k across
+the network, its density ramped from 1 to k over ``--ramp-epochs``, each layer keeping at least
+``--min-layer-k``, and then with ``+iterand``: pruned weights redrawn every ``--redraw-every``
+steps with probability ``--redraw-prob``), init (``signed_constant``, ``kaiming_normal``, and
+their ``+scaled`` variants with ``scale_fan``), k and seed, a mask is searched with the shared
+training loop; the same architecture is trained densely for each learning rate of ``--dense-
+lrs`` and each budget of ``--dense-epochs`` (the best lr per budget is the baseline). Every
+finished run is a row of ``results.csv``, with its test accuracy and published bytes; an
 interrupted sweep started again skips the finished rows and resumes the unfinished run from its
 last checkpoint. At the end a figure per model is written when matplotlib is installed: the
 paper's (x: % of weights kept, y: test accuracy, a line per method and init, dense as bands
@@ -50,8 +51,14 @@ FIELDS = [
 ]
 #: the fields that name a run (the rest are its results)
 KEY_FIELDS = FIELDS[:8]
-#: the search methods (``--methods``): PopupConfig's ``method``, ``+global`` for its global top-k
-METHODS = ("edge_popup", "biprop", "edge_popup+global", "biprop+global")
+#: the search methods (``--methods``): PopupConfig's ``method``, then ``+global`` for global
+#: top-k and ``+iterand`` for IteRand's redraws, in that order
+METHODS = tuple(
+    method + scope + redraws
+    for method in ("edge_popup", "biprop")
+    for scope in ("", "+global")
+    for redraws in ("", "+iterand")
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ramp-epochs", type=float, default=1.0, help="global top-k: density 1 -> k over these"
     )
     parser.add_argument("--min-layer-k", type=float, default=0.01, help="global top-k's floor")
+    parser.add_argument("--redraw-every", type=int, default=300, help="IteRand's period (steps)")
+    parser.add_argument("--redraw-prob", type=float, default=0.1, help="IteRand's probability")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--output-dir", default="out/sweep")
@@ -131,12 +140,15 @@ def planned_runs(args) -> list[dict]:
 
 
 def popup_config(run: dict, args, steps_per_epoch: int) -> PopupConfig:
-    """The mask's config of a run: its init (``+scaled``: scale_fan), method and selection."""
+    """The mask's config of a run: its init (``+scaled``: scale_fan), method, selection and
+    redraws."""
     init, _, scaled = run["init"].partition("+")
-    method, _, scope = run["method"].partition("+")
+    method, *options = run["method"].split("+")
     fields = {"k": run["k"], "init": init, "scale_fan": bool(scaled), "seed": run["seed"]}
     fields["method"] = method
-    if scope == "global":
+    if "iterand" in options:
+        fields["redraw_every"], fields["redraw_prob"] = args.redraw_every, args.redraw_prob
+    if "global" in options:
         fields["selection"] = "global"
         fields["ramp_steps"] = round(args.ramp_epochs * steps_per_epoch)
         fields["min_layer_k"] = min(args.min_layer_k, run["k"])

@@ -147,3 +147,46 @@ def test_a_second_push_replaces_the_artifact_in_one_commit(tmp_path):
         weights = [{f for f in c.files if f.endswith(".safetensors")} for c in (first, second)]
     assert out.split() == ["True"]
     assert len(weights[0]) == len(weights[1]) == 1 and weights[0] != weights[1]
+
+
+PUSH_METHODS = """
+import torch
+from popup_adapter import get_popup_model
+from popup_adapter.convnets import create_conv_net
+methods = {{
+    "biprop": dict(method="biprop", init="kaiming_normal"),
+    "global": dict(selection="global", min_layer_k=0.02, ramp_steps=2),
+    "iterand": dict(init="kaiming_normal", redraw_every=2, redraw_prob=0.5),
+}}
+x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+for name, fields in methods.items():
+    model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.1, **fields)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for step in range(5):
+        model.update_search(step)
+        model(x * (step + 1)).logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.update_search(None)
+    model.eval()
+    with torch.no_grad():
+        torch.save(model(x), f"{root}/{{name}}.pt")
+    model.push_to_hub(f"me/{{name}}")
+"""
+
+LOAD_METHODS = """
+import torch
+from popup_adapter import PopupModel
+x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+for name in ("biprop", "global", "iterand"):
+    model = PopupModel.from_pretrained(f"me/{{name}}")
+    with torch.no_grad():
+        print(name, torch.equal(model(x), torch.load(f"{root}/{{name}}.pt")))
+"""
+
+
+def test_every_search_method_pushes_and_loads_in_fresh_processes(tmp_path):
+    with HubServer() as hub:
+        run_fresh(PUSH_METHODS.format(root=tmp_path), client_env(hub, tmp_path / "push"))
+        out = run_fresh(LOAD_METHODS.format(root=tmp_path), client_env(hub, tmp_path / "load"))
+    assert out.split() == ["biprop", "True", "global", "True", "iterand", "True"]

@@ -436,3 +436,33 @@ def test_redraw_counts_code_near_their_entropy():
     zeros = np.zeros(100, np.uint8)
     assert encode_counts(zeros)[1].size == 0
     assert np.array_equal(decode_counts(*encode_counts(zeros), "here"), zeros)
+
+
+# -- masks coded given the base
+
+
+def test_a_pretrained_base_mask_is_coded_below_its_iid_bound_and_loads_exactly(tmp_path):
+    import copy
+    import json
+
+    from popup_adapter.artifact import artifact_summary, read_artifact
+
+    pretrained = create_conv_net("conv4", width=0.25)  # "pretrained": any fixed weights
+    model = get_popup_model(copy.deepcopy(pretrained), k=0.1, init="keep", score_init="magnitude")
+    model.eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "popup_config.json").read_text())
+    assert "rans_magnitude" in {layer["encoding"] for layer in meta["layers"].values()}
+    summary = artifact_summary(read_artifact(tmp_path))
+    assert summary["mask_bytes"] < 0.5 * summary["entropy_bytes"]  # magnitude pruning's mask
+    loaded = PopupModel.from_pretrained(tmp_path, model=copy.deepcopy(pretrained))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    name = next(n for n, layer in meta["layers"].items() if layer["encoding"] == "rans_magnitude")
+    meta["layers"][name]["bucket_kept"] = meta["layers"][name]["bucket_kept"][:-1]
+    (tmp_path / "popup_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="bucket_kept"):
+        PopupModel.from_pretrained(tmp_path, model=copy.deepcopy(pretrained))
