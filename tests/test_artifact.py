@@ -53,7 +53,7 @@ def test_folder_holds_json_safetensors_and_a_card_and_nothing_pickled(saved_mode
     (weights,) = meta["files"]
     assert weights == f"popup_model-{meta['files'][weights]['sha256'][:16]}.safetensors"
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, weights]
-    assert meta["format_version"] == 3 and meta["config"]["k"] == 0.3
+    assert meta["format_version"] == 4 and meta["config"]["k"] == 0.3
     assert meta["base"] == {
         "library": "timm",
         "architecture": "resnet50",
