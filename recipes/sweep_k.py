@@ -179,6 +179,11 @@ def run_one(run: dict, args, train_set, test_set, folder: Path) -> tuple[float, 
     return top1, artifact_summary(read_artifact(folder))["file_bytes"]
 
 
+def network(row: dict) -> str:
+    """A run's network: the model at its width (``conv6 x0.5``)."""
+    return f"{row['model']} x{float(row['width']):g}"
+
+
 def label(row: dict) -> str:
     """How a run's kind reads in tables and legends: ``method, init`` (dense: ``dense``)."""
     method = run_key(row)[2]
@@ -215,8 +220,8 @@ def markdown_table(rows: list[dict]) -> str:
         "| model | method, init | " + " | ".join(f"k={k:g}" for k in ks) + " |",
         "|---|---|" + "---|" * len(ks),
     ]
-    for model in sorted({row["model"] for row in rows}):
-        mine = [row for row in rows if row["model"] == model]
+    for model in sorted({network(row) for row in rows}):
+        mine = [row for row in rows if network(row) == model]
         for kind in dict.fromkeys(label(row) for row in mine if run_key(row)[2] != "dense"):
             cells = []
             for k in ks:
@@ -252,8 +257,8 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
     if plt is None:
         return []
     written = []
-    for model in sorted({row["model"] for row in rows}):
-        mine = [row for row in rows if row["model"] == model]
+    for model in sorted({network(row) for row in rows}):
+        mine = [row for row in rows if network(row) == model]
         kinds = list(dict.fromkeys(label(row) for row in mine if run_key(row)[2] != "dense"))
         figure, (by_k, by_bytes) = plt.subplots(1, 2, figsize=(10, 4))
         for epochs, (lr, accs) in dense_baselines(mine).items():
@@ -297,7 +302,7 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
         by_bytes.set_title("accuracy per byte")
         by_bytes.legend(fontsize=7)
         figure.tight_layout()
-        path = output_dir / f"{model}.png"
+        path = output_dir / f"{model.replace(' ', '_')}.png"
         figure.savefig(path, dpi=150)
         plt.close(figure)
         written.append(path)

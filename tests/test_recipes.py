@@ -249,7 +249,7 @@ def test_sweep_writes_table_and_figure_and_resumes(tmp_path):
     ]
     first = run([*sweep, "--ks", "0.3,0.5"])
     assert "| model | method, init | k=0.3 | k=0.5 |" in first
-    assert "| conv2 | dense (1 epochs, lr 0.1) |" in first
+    assert "| conv2 x0.25 | dense (1 epochs, lr 0.1) |" in first
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [(r["init"], r["k"]) for r in rows] == [
         ("dense", "1.0"),
@@ -261,7 +261,7 @@ def test_sweep_writes_table_and_figure_and_resumes(tmp_path):
     assert all(0.0 <= float(r["top1"]) <= 1.0 for r in rows)
     dense_bytes, mask_bytes = int(rows[0]["bytes"]), int(rows[1]["bytes"])
     assert 0 < mask_bytes < dense_bytes / 20  # an artifact against fp32 weights
-    assert (tmp_path / "conv2.png").stat().st_size > 10_000
+    assert (tmp_path / "conv2_x0.25.png").stat().st_size > 10_000
     # started again with one more k and a method: only the new runs
     out = run([*sweep, "--ks", "0.5,0.7", "--methods", "edge_popup,biprop+global"])
     finished = [line.split(":")[0] for line in out.splitlines() if line.startswith("conv2-")]
@@ -274,7 +274,7 @@ def test_sweep_writes_table_and_figure_and_resumes(tmp_path):
         "conv2-0.25-biprop_global-kaiming_normal_scaled-0.7-0-0.1-1",
     ]
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert len(rows) == 11 and "| conv2 | biprop+global, kaiming_normal+scaled |" in out
+    assert len(rows) == 11 and "| conv2 x0.25 | biprop+global, kaiming_normal+scaled |" in out
 
 
 def test_comparison_report_of_finished_runs(tmp_path):
