@@ -250,12 +250,22 @@ def _pyplot():
     return plt
 
 
+def _byte_label(value: float, _position) -> str:
+    """A log axis' tick as kB or MB, at 1, 2 and 5 of each decade only (no overlaps)."""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    if round(mantissa, 6) not in (1, 2, 5):
+        return ""
+    return f"{value / 1e6:g} MB" if value >= 1e6 else f"{value / 1e3:g} kB"
+
+
 def plot(rows: list[dict], output_dir: Path) -> list[Path]:
     """Per model, the paper's figure (accuracy against % kept, a line per method and init,
     dense as bands) and accuracy against published bytes (log scale); the files written."""
     plt = _pyplot()
     if plt is None:
         return []
+    from matplotlib import ticker
+
     written = []
     for model in sorted({network(row) for row in rows}):
         mine = [row for row in rows if network(row) == model]
@@ -297,6 +307,8 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
         by_k.set_title(f"{model}, Fashion-MNIST")
         by_k.legend(fontsize=7)
         by_bytes.set_xscale("log")
+        for axis in (by_bytes.xaxis.set_major_formatter, by_bytes.xaxis.set_minor_formatter):
+            axis(ticker.FuncFormatter(_byte_label))
         by_bytes.set_xlabel("published bytes (log scale)")
         by_bytes.set_ylabel("test accuracy (%)")
         by_bytes.set_title("accuracy per byte")
