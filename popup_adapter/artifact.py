@@ -164,6 +164,17 @@ class Artifact:
             bucket_kept=layer.get("bucket_kept"),
         )
 
+    def mask_needs_base(self, name: str) -> bool:
+        """Whether layer ``name``'s mask decodes only given its base weight (coded given |W|).
+
+        Args:
+            name: a layer of `layers`.
+
+        Returns:
+            True for the ``rans_magnitude`` encoding.
+        """
+        return self.layers[name]["encoding"] == "rans_magnitude"
+
     def redraw_counts(self, name: str) -> np.ndarray:
         """Layer ``name``'s IteRand redraw counts of its kept weights (format 4).
 

@@ -149,7 +149,7 @@ def encode_artifact(
             "module": target.module,
             "parameter": target.parameter,
             "shape": list(mask.shape),
-            "kept": int(mask.sum()),
+            "kept": int(torch.count_nonzero(mask)),
             "encoding": encoding,
             **({"experts": experts} if experts is not None else {}),
             **({"bucket_kept": bucket_kept} if bucket_kept is not None else {}),

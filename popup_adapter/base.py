@@ -205,9 +205,12 @@ def seed_base(
                 for full, mod, lf in users
                 if full in masked or (lf == "weight" and is_weight_layer(mod))
             ]
+            out = param if _writable(param) else None  # drawn straight into the parameter
             if layer_users:
                 layer_name, layer_module = min(layer_users, key=lambda user: user[0])
-                value = layer_weight(config, name, layer_module, param, layer_name in masked)
+                value = layer_weight(
+                    config, name, layer_module, param, layer_name in masked, out=out
+                )
             elif is_norm_module(module):
                 value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
             elif leaf == "bias":
@@ -217,8 +220,9 @@ def seed_base(
             elif param.ndim <= 1 and (constant := fresh.constant(name, param)) is not None:
                 value = constant  # a trained layer scale goes back to its init
             else:
-                value = normal_values(config.seed, name, param.shape, std)
-            param.copy_(value.to(param.dtype))
+                value = normal_values(config.seed, name, param.shape, std, out=out)
+            if value is not param:
+                param.copy_(value.to(param.dtype))
         if config.init != "keep":
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -246,6 +250,7 @@ def layer_weight(
     weight: torch.Tensor,
     masked: bool,
     redraw: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The value `seed_base` draws for a layer's weight: ``config.init`` with its fan-in
     (times k for a masked tensor with ``scale_fan``); reseeded modules of an ``init="keep"``
@@ -259,16 +264,22 @@ def layer_weight(
         masked: whether it is masked.
         redraw: the values after this many IteRand redraws: the tensor's ``redraw``-th
             redraw stream (0: the base's own draw).
+        out: written in place when given (``weight`` itself, in `seed_base`).
 
     Returns:
-        A float32 tensor shaped like ``weight``.
+        A float32 tensor shaped like ``weight`` (``out`` when given).
     """
     layer_init = "signed_constant" if config.init == "keep" else config.init
     fan_in = masked_fan_in(module, weight)
     if config.scale_fan and masked:
         fan_in *= config.k
     stream = f"redraw/{redraw}/{name}" if redraw else name
-    return init_values(layer_init, config.seed, stream, weight.shape, fan_in)
+    return init_values(layer_init, config.seed, stream, weight.shape, fan_in, out=out)
+
+
+def _writable(param: torch.Tensor) -> bool:
+    """Whether a draw can be written into ``param`` as it is (no conversion on the way)."""
+    return param.dtype == torch.float32 and param.device.type == "cpu" and param.is_contiguous()
 
 
 def _is_constant(tensor: torch.Tensor) -> bool:

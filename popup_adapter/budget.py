@@ -51,7 +51,7 @@ def _union_band(values: Sequence[torch.Tensor], total: int) -> Callable:
     ``total``-th largest value when it lies in ``[low, high]``."""
 
     def try_band(low: float, high: float):
-        above = sum(int((v > high).sum()) for v in values)
+        above = sum(int(torch.count_nonzero(v > high)) for v in values)
         if above >= total:
             return None, True
         in_band = torch.cat([v[(v >= low) & (v <= high)] for v in values])
@@ -94,10 +94,10 @@ def global_kept_counts(
         threshold, first_try = found
     if state is not None and threshold != float("inf"):
         state.record(threshold, first_try)
-    counts = [int((v > threshold).sum()) for v in values]
+    counts = [int(torch.count_nonzero(v > threshold)) for v in values]
     missing = total - sum(counts)
     for index, v in enumerate(values):  # the ties at the threshold, earlier layers first
-        tied = min(missing, int((v == threshold).sum()))
+        tied = min(missing, int(torch.count_nonzero(v == threshold)))
         counts[index] += tied
         missing -= tied
     return counts

@@ -6,7 +6,9 @@ products), each reading and writing whole tensors and allocating new ones.
 ``csrc/masked_weight.cpp`` does the forward in one vectorized pass over the scores and weights
 (given the layer's predicted threshold) and the backward in one, in the incoming gradient's
 buffer when the caller allows it; they are registered as the torch operators
-``torch.ops.popup_adapter.*``.
+``torch.ops.popup_adapter.*``. ``csrc/philox.cpp`` draws the seeded base (the same bits as
+`popup_adapter.seeding`'s numpy reference) in one multi-threaded pass, and ``csrc/rans.cpp``
+decodes masks (the same bits as `popup_adapter.codec`'s reference, constriction).
 
 The setting is read once, timm-style: ``POPUP_ADAPTER_KERNELS=0`` in the environment at import,
 or `set_use_kernels`; a masked layer captures `use_kernels` when it is built. The
@@ -27,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "masked_weight.cpp"
+SOURCES = tuple(
+    Path(__file__).parent / "csrc" / name
+    for name in ("masked_weight.cpp", "philox.cpp", "rans.cpp")
+)
 _NAME = "popup_adapter_kernels"
 _logger = logging.getLogger(__name__)
 
@@ -61,13 +66,16 @@ def build_directory() -> Path:
     """Where the compiled library lives.
 
     Returns:
-        One folder per source and torch version, under ``TORCH_EXTENSIONS_DIR`` (default
+        One folder per version of the sources and of torch, under ``TORCH_EXTENSIONS_DIR`` (default
         ``~/.cache/torch_extensions``, as torch's own).
     """
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "torch_extensions"
     )
-    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    tag = digest.hexdigest()[:16]
     return Path(root, f"{_NAME}_{tag}")
 
 
@@ -95,7 +103,8 @@ def load_kernels() -> bool:
             stacklevel=3,
         )
         return False
-    return hasattr(torch.ops.popup_adapter, "masked_weight_forward")
+    ops = ("masked_weight_forward", "philox_fill_", "rans_decode_bernoulli")
+    return all(hasattr(torch.ops.popup_adapter, op) for op in ops)
 
 
 def _build(folder: Path) -> None:
@@ -105,9 +114,10 @@ def _build(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=_NAME,
-        sources=[str(SOURCE)],
-        # OpenMP: ATen's parallel_for is inline and runs serially without it
-        extra_cflags=["-O3", "-fopenmp"],
+        sources=[str(source) for source in SOURCES],
+        # OpenMP: ATen's parallel_for is inline and runs serially without it; no fused
+        # multiply-add, so that the seeded draws round as numpy's separate operations do
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(folder),
         is_python_module=False,

@@ -91,29 +91,35 @@ class AdapterMasksMixin:
     def _per_mask(self, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
         return tensor.unbind(0) if self.per_expert else (tensor,)
 
-    def load_mask(self, adapter_name: str, mask: torch.Tensor) -> None:
+    def load_mask(self, adapter_name: str, mask: torch.Tensor, scores: bool = True) -> None:
         """Set an adapter's scores so that its top-k is exactly ``mask`` (a loaded mask): kept
         weights score 1/sqrt(fan_in), the initial scores' scale, the others 0.
 
         Args:
             adapter_name: the adapter.
             mask: bool, shaped like the weight, keeping exactly the adapter's count per mask.
+            scores: False checks the mask and sets the kept counts but leaves the scores
+                alone, for a mask merged right after (`popup_adapter.merging.merge_layer`
+                with the mask), which drops them.
 
         Raises:
             ArtifactError: another shape, or other kept counts.
         """
-        scores, kept = self.popup_scores[adapter_name], self.popup_kept[adapter_name]
-        counts = [int(part.sum()) for part in self._per_mask(mask)] if mask.ndim else []
+        current, kept = self.popup_scores[adapter_name], self.popup_kept[adapter_name]
+        counts = (
+            [int(torch.count_nonzero(part)) for part in self._per_mask(mask)] if mask.ndim else []
+        )
         budget = self.popup_budget.get(adapter_name)
-        if budget is not None and budget.selection == "global" and mask.shape == scores.shape:
+        if budget is not None and budget.selection == "global" and mask.shape == current.shape:
             kept = counts[0]  # a global mask's layers keep what they kept (the artifact checks)
-        if mask.shape != scores.shape or any(count != kept for count in counts):
+        if mask.shape != current.shape or any(count != kept for count in counts):
             raise ArtifactError(
                 f"a mask of shape {tuple(mask.shape)} keeping {counts} does not fit this layer "
-                f"({tuple(scores.shape)}, keeping {kept} in each of {self.num_masks} masks)"
+                f"({tuple(current.shape)}, keeping {kept} in each of {self.num_masks} masks)"
             )
-        with torch.no_grad():
-            scores.copy_(self.scores_for_mask(mask).to(scores.device, scores.dtype))
+        if scores:  # new scores: the adapter's may be a zero broadcast view (draw_scores=False)
+            loaded = self.scores_for_mask(mask).to(current.device, current.dtype)
+            self.popup_scores[adapter_name] = nn.Parameter(loaded, current.requires_grad)
         self.popup_kept[adapter_name] = kept
 
     def scores_for_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -167,7 +173,7 @@ class AdapterMasksMixin:
         value = weight.detach() * mask
         if self.popup_binary[adapter_name]:
             for part, part_mask in zip(self._per_mask(value), self._per_mask(mask), strict=True):
-                binarize_(part, int(part_mask.sum()))
+                binarize_(part, int(torch.count_nonzero(part_mask)))
         return value
 
     # -- merged (see popup_adapter.merging)

@@ -24,6 +24,7 @@ are refused (`unmaskable_reason`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from .budget import KeptBudget
 from .errors import AdapterError
 from .kernels import load_kernels, use_kernels
 from .layer_adapters import AdapterMasksMixin
-from .selection import SelectionState, masked_weight
+from .selection import SelectionState, masked_weight, masked_weight_recipe, saved_as_recipe
 
 #: torch's process-wide module hooks: when any is set, layers are called, never bypassed
 _GLOBAL_HOOKS = (
@@ -155,23 +156,42 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
         return self._effective_weight(single_use=False)
 
     def _effective_weight(self, single_use: bool) -> torch.Tensor:
+        return self._weight_and_recipe(single_use)[0]
+
+    def _weight_and_recipe(
+        self, single_use: bool
+    ) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
+        """The weight the forward uses, and how to write it again in the backward instead of
+        keeping it (`masked_weight_recipe`; None where it is kept)."""
         adapter, weight = self.active_adapter, self.base_weight
         if self.disable_adapters or adapter is None:
             self._check_unmasked_base()
-            return weight
+            return weight, None
         if adapter == self.merged_adapter:
             self._check_not_training()
-            return weight if self.merged_weight is None else self.merged_weight
+            return (weight if self.merged_weight is None else self.merged_weight), None
         scores, kept = self.popup_scores[adapter], self._current_kept(adapter)
         states, binary = self.popup_selection[adapter], self.popup_binary[adapter]
         single_use = single_use and not self.per_expert
+        masks = list(zip(self._per_mask(weight), self._per_mask(scores), states, strict=True))
         parts = [
             masked_weight(w, s, kept, state, single_use, self.use_kernels, binary)
-            for w, s, state in zip(
-                self._per_mask(weight), self._per_mask(scores), states, strict=True
-            )
+            for w, s, state in masks
         ]
-        return torch.stack(parts) if self.per_expert else parts[0]
+        recipes = [
+            masked_weight_recipe(w, s, kept, state, self.use_kernels, binary)
+            for w, s, state in masks
+        ]
+        if not torch.is_grad_enabled() or any(recipe is None for recipe in recipes):
+            recipe = None
+        elif self.per_expert:
+
+            def recipe() -> torch.Tensor:
+                return torch.stack([part() for part in recipes])
+
+        else:
+            recipe = recipes[0]
+        return (torch.stack(parts) if self.per_expert else parts[0]), recipe
 
     def _computes_itself(self, args: tuple, kwargs: dict) -> bool:
         """Whether the base layer's forward is exactly
@@ -209,15 +229,21 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
         if self.merged_adapter is not None and self.merged_weight is None:
             self._check_not_training()
             return self.base_layer(*args, **kwargs)  # W * M is the weight: the plain forward
+        # W * M is not kept for the backward where it can be written again there
         if self._computes_itself(args, kwargs):
             # W * M feeds exactly one operation here: its gradient buffer may be reused in place
-            return self.forward_with_weight(args[0], self._effective_weight(single_use=True))
+            weight, recipe = self._weight_and_recipe(single_use=True)
+            with saved_as_recipe(weight, recipe):
+                return self.forward_with_weight(args[0], weight)
         path, module = [self.parameter_name], self.base_layer
         while isinstance(module, PopupLayer):  # nested wrappers: swap in the owner's tensor
             path.insert(0, "base_layer")
             module = module.base_layer
-        swapped = {".".join(path): self._effective_weight(single_use=False)}
-        return functional_call(self.base_layer, swapped, args, kwargs, strict=False)
+        weight, recipe = self._weight_and_recipe(single_use=False)
+        with saved_as_recipe(weight, recipe):
+            return functional_call(
+                self.base_layer, {".".join(path): weight}, args, kwargs, strict=False
+            )
 
     def _check_unmasked_base(self) -> None:
         if self.merged_adapter is not None and self.merged_weight is None:  # W holds W * M

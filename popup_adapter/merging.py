@@ -29,7 +29,7 @@ from .redraws import redraw_counts, write_redrawn
 from .sharding import whole_tensor
 
 
-def merge_layer(layer: PopupLayer, in_place: bool) -> None:
+def merge_layer(layer: PopupLayer, in_place: bool, loaded_mask: torch.Tensor | None = None) -> None:
     """Make the active adapter's ``W * M`` the layer's weight, its mask bit-packed; scores
     that the mask alone restores (a loaded mask's) are dropped.
 
@@ -37,6 +37,9 @@ def merge_layer(layer: PopupLayer, in_place: bool) -> None:
         layer: a layer with an active, unmerged adapter.
         in_place: write ``W * M`` over W (the pruned weights come back from the seed); False
             keeps W and holds ``W * M`` beside it.
+        loaded_mask: the adapter's mask as just loaded (checked by ``load_mask``): used as it
+            is, without a selection over the scores, which are dropped (the mask restores
+            them on unmerging).
 
     Raises:
         AdapterError: a sharded (FSDP) weight.
@@ -45,14 +48,19 @@ def merge_layer(layer: PopupLayer, in_place: bool) -> None:
     if whole_tensor(weight) is not weight:
         raise AdapterError("a sharded (FSDP) weight is not merged; gather the model first")
     with torch.no_grad():
-        mask = layer.get_mask(adapter)
+        mask = layer.get_mask(adapter) if loaded_mask is None else loaded_mask.to(weight.device)
         layer.packed_mask = pack_bits(mask.cpu().numpy().ravel())
-        if in_place:
+        if in_place and not layer.popup_binary[adapter]:
+            weight.mul_(mask)  # W * M, without a second copy of the weight
+        elif in_place:
             weight.copy_(layer.masked_value(weight, mask, adapter))
         else:
             layer.merged_weight = layer.masked_value(weight, mask, adapter)
         scores = layer.popup_scores[adapter]
-        if torch.equal(scores, layer.scores_for_mask(mask).to(scores.device, scores.dtype)):
+        restores = loaded_mask is not None or torch.equal(
+            scores, layer.scores_for_mask(mask).to(scores.device, scores.dtype)
+        )
+        if restores:
             del layer.popup_scores[adapter]
     layer.merged_adapter = adapter
 
@@ -133,14 +141,17 @@ class MergeMixin:
             raise AdapterError("the active adapter is merged already; unmerge_adapter() first")
         self._merge(self.base_fingerprint)
 
-    def _merge(self, fingerprint: str) -> None:
+    def _merge(self, fingerprint: str, loaded_masks: dict[str, torch.Tensor] | None = None) -> None:
         """Merge, ``fingerprint`` being the base's (what `base_fingerprint` answers while the
-        weights hold ``W * M``)."""
+        weights hold ``W * M``); ``loaded_masks`` (by layer name) are the active adapter's
+        masks as just loaded, merged as they are (see `merge_layer`)."""
         self._merged_fingerprint = fingerprint
         config, tied = self._backbone_config, tied_parameter_ids(self.base_model)
+        loaded_masks = loaded_masks or {}
+        layer_names = {id(layer): name for name, layer in self.popup_layers()}
         for target, layer in self._masked_layers():
             in_place = id(layer.base_weight) not in tied and is_drawn(config, target.parameter_path)
-            merge_layer(layer, in_place)
+            merge_layer(layer, in_place, loaded_masks.get(layer_names[id(layer)]))
 
     def unmerge_adapter(self) -> None:
         """Undo [`merge_adapter`][popup_adapter.PopupModel.merge_adapter]: the base weights

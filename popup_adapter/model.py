@@ -107,7 +107,8 @@ class PopupModel(MultiAdapterMixin, MergeMixin, PretrainedMixin, nn.Module):
             model: the plain model, changed in place.
             config: the first adapter's config.
             adapter_name: the first adapter's name.
-            draw_scores: False to leave the scores at zero.
+            draw_scores: False to leave the scores at zero (a broadcast view, holding no
+                memory, until a mask is loaded).
             base_kwargs: timm constructor arguments to record.
             targets: the tensors to mask, instead of resolving ``config``'s selectors.
 

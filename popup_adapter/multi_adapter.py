@@ -158,7 +158,8 @@ class MultiAdapterMixin:
             adapter_name: a new name.
             config: its config; the base-defining fields (init, seed, scale_fan, norm policy),
                 the targets and ``modules_to_save`` must be the backbone's.
-            draw_scores: False leaves the scores at zero, for a mask loaded right after.
+            draw_scores: False leaves the scores at zero (a broadcast view, holding no memory),
+                for a mask loaded right after.
             targets: the tensors it masks, when known (an artifact's own list): then
                 ``config``'s selectors are not matched again (an artifact's regexes never run).
 
@@ -386,8 +387,8 @@ class MultiAdapterMixin:
         self.peft_config[adapter_name] = config
         for target, layer in self._masked_layers():
             weight = layer.base_weight
-            if not draw_scores:
-                scores = torch.zeros(weight.shape)
+            if not draw_scores:  # zeros as a broadcast view: no memory until a mask is loaded
+                scores = torch.zeros(()).expand(weight.shape)
             elif config.score_init == "magnitude":
                 scores = weight.detach().abs().float().clone()
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,11 +260,51 @@ class PretrainedMixin:
         """
         artifact = open_artifact(path_or_repo_id, revision, **hub_kwargs)
         if model is None:
-            check_fits(artifact, check_structure)
+            check_fits(artifact, check_structure)  # before anything the artifact sizes
+        with ThreadPoolExecutor(max_workers=1 + torch.get_num_threads()) as pool:
+            # masks that need no base decode on other threads while this one builds it
+            early = {
+                name: pool.submit(artifact.mask, name)
+                for name in artifact.layers
+                if not artifact.mask_needs_base(name)
+            }
+            try:
+                return cls._load(
+                    artifact,
+                    pool,
+                    early,
+                    model=model,
+                    adapter_name=adapter_name,
+                    is_trainable=is_trainable,
+                    base_model_name_or_path=base_model_name_or_path,
+                    check_structure=check_structure,
+                )
+            finally:
+                for future in early.values():
+                    future.cancel()
+
+    @classmethod
+    def _load(
+        cls,
+        artifact: Artifact,
+        pool: ThreadPoolExecutor,
+        early: dict[str, Future],
+        *,
+        model: nn.Module | None,
+        adapter_name: str,
+        is_trainable: bool,
+        base_model_name_or_path: str | os.PathLike | None,
+        check_structure: bool,
+    ) -> PopupModel:
+        """`from_pretrained` once the artifact is open and checked, ``early`` masks decoding
+        in ``pool``."""
+        if model is None:
+            seeded = artifact.config.init != "keep"  # every layer weight is drawn next
             model = build_base(
                 artifact.base_spec,
-                pretrained=artifact.config.init == "keep",
+                pretrained=not seeded,
                 pretrained_source=base_model_name_or_path,
+                skip_layer_init=seeded,
             )
         elif check_structure:  # before adapting: its message says more than a missing layer's
             artifact.check_structure(describe_structure(model))  # (check_fits did, on meta)
@@ -275,10 +316,10 @@ class PretrainedMixin:
             base_kwargs=artifact.base_spec.get("base_kwargs"),
             targets=artifact.targets,
         )
-        popup._load_artifact(artifact, adapter_name)
+        masks = popup._load_artifact(artifact, adapter_name, is_trainable, pool, early)
         popup.set_trainable(is_trainable)
         if not is_trainable:  # served at the plain model's speed and memory
-            popup._merge(artifact.base_fingerprint)
+            popup._merge(artifact.base_fingerprint, masks)
         return popup
 
     def load_adapter(
@@ -319,17 +360,52 @@ class PretrainedMixin:
             raise
         self.set_trainable(is_trainable, adapter_name)
 
-    def _load_artifact(self, artifact: Artifact, adapter_name: str) -> None:
+    def _load_artifact(
+        self,
+        artifact: Artifact,
+        adapter_name: str,
+        set_scores: bool = True,
+        pool: ThreadPoolExecutor | None = None,
+        early: dict[str, Future] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Check that this base is the artifact's, then set ``adapter_name``'s masks and state
-        (its structure is checked by the caller, before adapting)."""
+        (its structure is checked by the caller, before adapting).
+
+        The base is fingerprinted on one thread while the masks decode on the others (hashing
+        and the compiled decoder release the GIL); a mismatched base is reported before any
+        decoding error, which it would explain.
+
+        Args:
+            artifact: as read.
+            adapter_name: the adapter the masks go to.
+            set_scores: False leaves the scores alone, for a caller that merges the
+                returned masks right away.
+            pool: worker threads to use (default: a pool of its own).
+            early: masks already decoding there, by layer name.
+
+        Returns:
+            The masks, by layer name.
+        """
+        if pool is None:
+            with ThreadPoolExecutor(max_workers=1 + torch.get_num_threads()) as own:
+                return self._load_artifact(artifact, adapter_name, set_scores, own, early)
         masked = dict(self.popup_layers())
         shapes = {name: list(layer.base_weight.shape) for name, layer in masked.items()}
-        artifact.check_base(shapes, self.base_fingerprint)
+        base_fingerprint = pool.submit(lambda: self.base_fingerprint)
+        decoding = {
+            name: (early or {}).get(name) or pool.submit(artifact.mask, name, layer.base_weight)
+            for name, layer in masked.items()
+        }
+        artifact.check_base(shapes, base_fingerprint.result())
+        masks = {name: future.result() for name, future in decoding.items()}
         with torch.no_grad():
             for name, layer in masked.items():
-                layer.load_mask(adapter_name, artifact.mask(name, layer.base_weight))
+                layer.load_mask(adapter_name, masks[name], scores=set_scores)
             if artifact.config.redraw_every:  # IteRand: the kept weights' redraws, regenerated
+                names = {id(layer): name for name, layer in masked.items()}
                 for target, layer in self._masked_layers():
                     counts = artifact.redraw_counts(target.key)
-                    load_redraw_counts(layer, artifact.config, target.parameter_path, counts)
+                    mask = masks[names[id(layer)]]
+                    load_redraw_counts(layer, artifact.config, target.parameter_path, counts, mask)
         self.load_trained_state(adapter_name, artifact.stored_state(), where=artifact.weights_path)
+        return masks

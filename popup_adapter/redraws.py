@@ -114,11 +114,15 @@ def redraw_pruned(layer: torch.nn.Module, config: PopupConfig, name: str, event:
         )
     counts[chosen] += 1
     write_redrawn(layer.base_weight, layer, config, name, chosen)
-    return int(chosen.sum())
+    return int(torch.count_nonzero(chosen))
 
 
 def load_redraw_counts(
-    layer: torch.nn.Module, config: PopupConfig, name: str, kept_counts: np.ndarray
+    layer: torch.nn.Module,
+    config: PopupConfig,
+    name: str,
+    kept_counts: np.ndarray,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """Set a loaded mask's redraw counts (those of its kept weights, in flat order) and
     regenerate those weights.
@@ -128,9 +132,11 @@ def load_redraw_counts(
         config: the adapter's config.
         name: the masked tensor's name.
         kept_counts: one count per kept weight.
+        mask: the loaded mask (default: the active adapter's, from its scores).
     """
     counts = redraw_counts(layer)
-    mask = layer.get_mask(layer.active_adapter).to(counts.device)
+    mask = layer.get_mask(layer.active_adapter) if mask is None else mask
+    mask = mask.to(counts.device)
     counts.zero_()
     counts[mask] = torch.from_numpy(kept_counts).to(counts.device)
     write_redrawn(layer.base_weight, layer, config, name)

@@ -7,6 +7,12 @@ drawn from its own Philox-4x64 stream, keyed by a hash of the seed and the tenso
 turned into numbers with explicit transforms that use only correctly rounded IEEE-754
 operations (+, -, *, /, sqrt, frexp). No libm transcendental is called: their last bit differs
 between platforms. The result is the same bits everywhere numpy runs.
+
+The numpy functions here are the reference. Where the compiled kernels are loaded
+(`popup_adapter.kernels`), `fill_from_stream` computes the same words and the same
+operations in C++ (``csrc/philox.cpp``), on every thread, straight into the float32 tensor
+that keeps them: a base is drawn at memory speed, with the same bits (tests compare the two
+paths for every init).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+
+from . import kernels
 
 #: Bump when the derivation below changes: it is part of every stream's key.
 STREAM_VERSION = "popup-adapter/stream/v1"
@@ -31,10 +39,13 @@ Transform = Callable[[np.ndarray], np.ndarray]
 RELU_GAIN = math.sqrt(2.0)
 
 
-def _stream(seed: int, name: str) -> np.random.Philox:
+def _stream_key(seed: int, name: str) -> np.ndarray:
     digest = hashlib.sha256(f"{STREAM_VERSION}\0{seed}\0{name}".encode()).digest()
-    key = np.frombuffer(digest[:16], dtype="<u8")
-    return np.random.Philox(key=key)
+    return np.frombuffer(digest[:16], dtype="<u8")
+
+
+def _stream(seed: int, name: str) -> np.random.Philox:
+    return np.random.Philox(key=_stream_key(seed, name))
 
 
 #: values drawn at a time: the float64 intermediates of a transform stay a few MB even for a
@@ -156,7 +167,99 @@ def random_normal(
     return out[:numel]
 
 
-def init_values(init: str, seed: int, name: str, shape: torch.Size, fan_in: float) -> torch.Tensor:
+#: what `fill_from_stream` makes of a stream (the values of ``csrc/philox.cpp``'s kinds)
+SIGNS, SYMMETRIC_UNIFORM, NORMAL = 0, 1, 2
+
+
+def reference_values(kind: int, seed: int, name: str, numel: int, scale: float) -> np.ndarray:
+    """What `fill_from_stream` writes, computed by the numpy reference.
+
+    Args:
+        kind: `SIGNS` (``+-scale``, the scale rounded to float32 first), `SYMMETRIC_UNIFORM`
+            (uniform in ``[-scale, scale)``) or `NORMAL` (``N(0, scale^2)``).
+        seed: the base's seed.
+        name: the tensor's name (its stream).
+        numel: how many values.
+        scale: as ``kind`` says.
+
+    Returns:
+        A flat float32 array.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    if kind == SIGNS:
+        return random_signs(seed, name, numel) * np.float32(scale)
+    if kind == SYMMETRIC_UNIFORM:
+        return random_uniform(seed, name, numel, lambda u: (u * 2.0 - 1.0) * scale, np.float32)
+    if kind == NORMAL:
+        return random_normal(seed, name, numel, lambda v: v * scale, np.float32)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def fill_from_stream(
+    out: torch.Tensor,
+    kind: int,
+    seed: int,
+    name: str,
+    scale: float,
+    compiled: bool | None = None,
+) -> torch.Tensor:
+    """Write the stream ``(seed, name)``'s values of ``kind`` into ``out``, in place.
+
+    Args:
+        out: a float32 tensor (any shape); CPU and contiguous for the compiled path.
+        kind: as in `reference_values`.
+        seed: the base's seed.
+        name: the tensor's name (its stream).
+        scale: as in `reference_values`.
+        compiled: True for the compiled kernel, False for the numpy reference; default:
+            the kernel where it is loaded and applies (the kernels setting, a contiguous CPU
+            float32 ``out``), else the reference. Both give the same bits.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        RuntimeError: ``compiled=True`` where the kernels cannot be built.
+    """
+    if compiled is None:
+        compiled = (
+            out.dtype == torch.float32
+            and out.device.type == "cpu"
+            and out.is_contiguous()
+            and kernels.use_kernels()
+            and kernels.load_kernels()
+        )
+    elif compiled and not kernels.load_kernels():
+        raise RuntimeError("the compiled kernels are not available here (see the warning)")
+    if compiled:
+        key0, key1 = _stream_key(seed, name).view("<i8").tolist()
+        with torch.no_grad():
+            torch.ops.popup_adapter.philox_fill_(out, key0, key1, kind, scale)
+        return out
+    values = reference_values(kind, seed, name, out.numel(), scale)
+    with torch.no_grad():
+        out.copy_(torch.from_numpy(values).reshape(out.shape))
+    return out
+
+
+def _into(out: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32)
+    if out.shape != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, the draw {tuple(shape)}")
+    return out
+
+
+def init_values(
+    init: str,
+    seed: int,
+    name: str,
+    shape: torch.Size,
+    fan_in: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Layer weights drawn by an init, from their own stream.
 
     Args:
@@ -165,28 +268,29 @@ def init_values(init: str, seed: int, name: str, shape: torch.Size, fan_in: floa
         name: the tensor's name (its stream).
         shape: the tensor's shape.
         fan_in: the layer's fan-in (the inits' scale).
+        out: written in place when given (a parameter of ``shape``), else a new tensor.
 
     Returns:
-        A float32 tensor of ``shape``.
+        A float32 tensor of ``shape`` (``out`` when given).
 
     Raises:
         ValueError: ``init`` draws no values (``keep``).
     """
-    numel = math.prod(shape)
     std = RELU_GAIN / math.sqrt(fan_in)
     if init == "signed_constant":
-        values = random_signs(seed, name, numel) * np.float32(std)
+        kind, scale = SIGNS, std
     elif init == "kaiming_normal":
-        values = random_normal(seed, name, numel, lambda v: v * std, np.float32)
+        kind, scale = NORMAL, std
     elif init == "kaiming_uniform":
-        bound = std * math.sqrt(3.0)
-        values = random_uniform(seed, name, numel, lambda u: (u * 2.0 - 1.0) * bound, np.float32)
+        kind, scale = SYMMETRIC_UNIFORM, std * math.sqrt(3.0)
     else:
         raise ValueError(f"init {init!r} draws no values")
-    return torch.from_numpy(values).reshape(shape)
+    return fill_from_stream(_into(out, torch.Size(shape)), kind, seed, name, scale)
 
 
-def normal_values(seed: int, name: str, shape: torch.Size, std: float) -> torch.Tensor:
+def normal_values(
+    seed: int, name: str, shape: torch.Size, std: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """A float32 tensor of ``shape`` from N(0, std^2), for embeddings, positions, tokens.
 
     Args:
@@ -194,12 +298,12 @@ def normal_values(seed: int, name: str, shape: torch.Size, std: float) -> torch.
         name: the tensor's name (its stream).
         shape: the tensor's shape.
         std: the standard deviation.
+        out: written in place when given, else a new tensor.
 
     Returns:
-        The tensor.
+        The tensor (``out`` when given).
     """
-    values = random_normal(seed, name, math.prod(shape), lambda v: v * std, np.float32)
-    return torch.from_numpy(values).reshape(shape)
+    return fill_from_stream(_into(out, torch.Size(shape)), NORMAL, seed, name, std)
 
 
 def score_values(seed: int, name: str, shape: torch.Size, fan_in: float) -> torch.Tensor:
@@ -215,11 +319,8 @@ def score_values(seed: int, name: str, shape: torch.Size, fan_in: float) -> torc
     Returns:
         A float32 tensor of ``shape``.
     """
-    bound = 1.0 / math.sqrt(fan_in)
-    values = random_uniform(
-        seed, f"scores/{name}", math.prod(shape), lambda u: (u * 2.0 - 1.0) * bound, np.float32
-    )
-    return torch.from_numpy(values).reshape(shape)
+    out = torch.empty(torch.Size(shape), dtype=torch.float32)
+    return fill_from_stream(out, SYMMETRIC_UNIFORM, seed, f"scores/{name}", 1.0 / math.sqrt(fan_in))
 
 
 def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:

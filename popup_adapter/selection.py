@@ -20,7 +20,8 @@ break): full ``kthvalue``, ties broken with a cumulative sum.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +151,7 @@ def _eager_band(magnitude: torch.Tensor, kept: int) -> Callable:
     largest value and whether exactly ``kept`` values reach it (no ties), known from the band."""
 
     def try_band(low: float, high: float):
-        above_high = int((magnitude > high).sum())
+        above_high = int(torch.count_nonzero(magnitude > high))
         if above_high >= kept:
             return None, True
         in_band = magnitude[(magnitude >= low) & (magnitude <= high)]
@@ -158,7 +159,7 @@ def _eager_band(magnitude: torch.Tensor, kept: int) -> Callable:
             return None, False
         needed = kept - above_high
         threshold = kth_largest(in_band, needed)
-        return (threshold, int((in_band >= threshold).sum()) == needed), None
+        return (threshold, int(torch.count_nonzero(in_band >= threshold)) == needed), None
 
     return try_band
 
@@ -196,7 +197,7 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
     state.record(float(threshold), first_try)
     mask = magnitude >= threshold
     if no_ties is None:
-        no_ties = int(mask.sum()) == kept
+        no_ties = int(torch.count_nonzero(mask)) == kept
     if not no_ties:  # ties at the threshold: rare with float scores
         mask = _break_ties(magnitude, threshold, kept)
     return mask.view_as(scores)
@@ -346,6 +347,97 @@ class FusedStraightThroughMask(torch.autograd.Function):
         else:
             grad_scores = torch.ops.popup_adapter.straight_through_backward(grad, weight, scores)
         return None, grad_scores, None, None, None, None
+
+
+class _Recipe:
+    """What autograd keeps instead of a masked weight (or a view of it, as a matmul saves
+    ``W.T``): how to write it again, and the view."""
+
+    __slots__ = ("offset", "recompute", "shape", "stride")
+
+    def __init__(self, recompute: Callable[[], torch.Tensor], view: torch.Tensor) -> None:
+        self.recompute = recompute
+        self.shape, self.stride, self.offset = view.shape, view.stride(), view.storage_offset()
+
+    def unpack(self) -> torch.Tensor:
+        return self.recompute().as_strided(self.shape, self.stride, self.offset)
+
+
+def masked_weight_recipe(
+    weight: torch.Tensor,
+    scores: torch.Tensor,
+    kept: int,
+    state: SelectionState | None,
+    fused: bool,
+    binary: bool = False,
+) -> Callable[[], torch.Tensor] | None:
+    """How to write again, in the backward, the ``W * M`` that `masked_weight` has just
+    returned, without keeping it: the fused forward kernel, given the threshold it found (a
+    band of width zero: the same mask, ties included, in one pass).
+
+    Args:
+        weight: as passed to `masked_weight`.
+        scores: as passed (they do not change before the backward: the optimizer steps after).
+        kept: as passed.
+        state: as passed, now holding the threshold of that call.
+        fused: as passed.
+        binary: as passed.
+
+    Returns:
+        A function returning a tensor equal to that ``W * M``, or None where the fused kernels
+        did not serve the call (the weight is then kept as autograd saves it).
+    """
+    fused = kernels.use_kernels() if fused is None else fused
+    if not _fused_kernels_apply(weight, scores, state, fused) or state.threshold is None:
+        return None
+    threshold = state.threshold
+
+    def recompute() -> torch.Tensor:
+        out, _, status = torch.ops.popup_adapter.masked_weight_forward(
+            weight.contiguous(), scores.detach().contiguous(), kept, threshold, threshold
+        )
+        if status != kernels.FOUND:  # the scores changed between the forward and the backward
+            raise RuntimeError(
+                "the scores changed between the forward and the backward; step the optimizer "
+                "after backward()"
+            )
+        return binarize_(out, kept) if binary else out
+
+    return recompute
+
+
+@contextmanager
+def saved_as_recipe(
+    tensor: torch.Tensor, recompute: Callable[[], torch.Tensor] | None
+) -> Iterator[None]:
+    """While the block runs, autograd keeps ``recompute`` instead of ``tensor`` wherever an
+    operation saves ``tensor`` for its backward (a layer's weight, for its input gradient), and
+    calls it when the backward needs the tensor: one pass over the scores then, one tensor the
+    size of the weight less to hold between the forward and the backward.
+
+    Args:
+        tensor: the masked weight the block computes with.
+        recompute: from `masked_weight_recipe`; None leaves saving as it is.
+
+    Yields:
+        Nothing.
+    """
+    if recompute is None:
+        yield
+        return
+    # autograd keeps the hooks with what they saved: they must not hold the tensor itself
+    storage, dtype = tensor.untyped_storage().data_ptr(), tensor.dtype
+
+    def pack(saved: torch.Tensor) -> torch.Tensor | _Recipe:
+        # the weight itself or a view of it (nothing writes into W * M once it is made)
+        same = saved.dtype == dtype and saved.untyped_storage().data_ptr() == storage
+        return _Recipe(recompute, saved) if same else saved
+
+    def unpack(packed: torch.Tensor | _Recipe) -> torch.Tensor:
+        return packed.unpack() if isinstance(packed, _Recipe) else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def _fused_kernels_apply(

@@ -25,6 +25,7 @@ from torch import nn
 
 from .convnets import ConvNet
 from .errors import ArtifactError, ConfigError
+from .init_skip import build_on_meta, build_skipping_layer_init
 
 LIBRARIES = ("timm", "transformers", "popup_adapter", "custom")
 #: ``timm.create_model``'s own arguments: they load weights or configs from files and repos (a
@@ -218,6 +219,7 @@ def build_base(
     pretrained: bool = False,
     pretrained_source: str | os.PathLike | None = None,
     meta: bool = False,
+    skip_layer_init: bool = False,
 ) -> nn.Module:
     """Rebuild the architecture a spec describes (random weights; the seed sets them after).
 
@@ -231,6 +233,8 @@ def build_base(
             safetensors weights are read, never a pickle, and no remote code runs.
         meta: build on the meta device (shapes only, nothing allocated, nothing downloaded):
             what a load checks before it builds for real.
+        skip_layer_init: leave the Linear/Conv weights unset where that is sound
+            (`popup_adapter.init_skip`), for a seeded base whose seeding draws them next.
 
     Returns:
         The plain model.
@@ -255,13 +259,21 @@ def build_base(
             "model= with those weights, e.g. model=timm.create_model(name, pretrained=True) "
             "(their fingerprint is checked against the artifact's)"
         )
-    try:
+
+    def build() -> nn.Module:
         with torch.device("meta") if meta else contextlib.nullcontext():
             if library == "timm":
                 return _build_timm(spec)
             if library == "transformers":
                 return _build_transformers(spec, pretrained and not meta, pretrained_source)
             return ConvNet(**spec["kwargs"])
+
+    try:
+        if meta:
+            return build_on_meta(build)
+        if skip_layer_init and not pretrained:
+            return build_skipping_layer_init(build)
+        return build()
     except ArtifactError:
         raise
     except Exception as error:  # the spec's arguments reach third-party constructors as they are

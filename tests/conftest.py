@@ -1,6 +1,7 @@
 """Shared fixtures: offline Hub, small deterministic models of every supported family."""
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -9,6 +10,14 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from popup_adapter import kernels  # noqa: E402  (after the environment is set)
+
+has_compiler = shutil.which("c++") is not None and shutil.which("ninja") is not None
+#: tests of the compiled kernels themselves (they build where a compiler is)
+needs_kernels = pytest.mark.skipif(
+    not (has_compiler and kernels.use_kernels()), reason="no C++ compiler or kernels off"
+)
 
 
 def tiny_bert():

@@ -1,13 +1,12 @@
 """The fused CPU kernels against the eager implementation and a full sort."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import full_sort_mask, score_updates
+from conftest import full_sort_mask, needs_kernels, score_updates
 
 from popup_adapter import kernels
 from popup_adapter.selection import (
@@ -16,11 +15,6 @@ from popup_adapter.selection import (
     _fused_kernels_apply,
     masked_weight,
     num_kept,
-)
-
-has_compiler = shutil.which("c++") is not None and shutil.which("ninja") is not None
-needs_kernels = pytest.mark.skipif(
-    not (has_compiler and kernels.use_kernels()), reason="no C++ compiler or kernels off"
 )
 
 
@@ -93,6 +87,68 @@ def test_layer_backward_in_place_gives_the_eager_gradients(monkeypatch):
     assert grads[0].keys() == grads[1].keys() != set()
     for name, grad in grads[0].items():
         assert torch.equal(grad, grads[1][name]), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["conv", "linear", "gpt2"])
+def test_masked_weights_are_written_again_in_the_backward_not_kept(family, monkeypatch):
+    """Between the forward and the backward no layer keeps ``W * M``: autograd holds a recipe
+    that the backward runs once per layer (its input gradient needs the weight), and the
+    gradients are the eager path's, which keeps it."""
+    from conftest import tiny_gpt2
+
+    from popup_adapter import get_popup_model, selection
+    from popup_adapter.convnets import create_conv_net
+
+    builds = {
+        "conv": lambda: create_conv_net("conv2", width=0.25),
+        "linear": lambda: torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Linear(32, 5)),
+        "gpt2": tiny_gpt2,
+    }
+    inputs = {
+        "conv": torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
+        "linear": torch.randn(4, 12, requires_grad=True),
+        "gpt2": torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0)),
+    }
+    calls = []
+    recipe = selection.masked_weight_recipe
+
+    def counted(*args, **kwargs):
+        recompute = recipe(*args, **kwargs)
+        return None if recompute is None else lambda: calls.append(1) or recompute()
+
+    monkeypatch.setattr("popup_adapter.layers.masked_weight_recipe", counted)
+    grads = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "_USE_KERNELS", enabled)
+        torch.manual_seed(0)
+        model = get_popup_model(builds[family](), k=0.3)
+        output = model(inputs[family])
+        output = output if isinstance(output, torch.Tensor) else output.logits
+        assert calls == []  # nothing written again before the backward
+        output.square().mean().backward()
+        if enabled:
+            layers = len(list(model.popup_layers()))
+            assert 0 < len(calls) <= layers
+            calls.clear()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert calls == []  # the eager path keeps W * M
+    assert grads[0].keys() == grads[1].keys() != set()
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+
+
+@needs_kernels
+def test_scores_changed_before_the_backward_are_refused():
+    from popup_adapter import get_popup_model
+
+    model = get_popup_model(torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Linear(32, 5)))
+    loss = model(torch.randn(4, 12)).square().mean()
+    with torch.no_grad():
+        for _, layer in model.popup_layers():
+            layer.popup_scores["default"].copy_(torch.randn_like(layer.popup_scores["default"]))
+    with pytest.raises(RuntimeError, match="changed between the forward and the backward"):
+        loss.backward()
 
 
 @needs_kernels

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import needs_kernels
 
 from popup_adapter import seeding
 
@@ -55,3 +56,37 @@ def test_fingerprint_covers_names_dtypes_shapes_and_bytes():
     assert base != seeding.fingerprint([("a", t), ("b", t.view(3, 2))])
     assert base != seeding.fingerprint([("a", t), ("b", t.view(2, 3).double())])
     assert base != seeding.fingerprint([("a", t), ("b", t.view(2, 3) + 1)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", [seeding.SIGNS, seeding.SYMMETRIC_UNIFORM, seeding.NORMAL])
+def test_compiled_draws_have_the_reference_bits(kind):
+    # sizes around the kernel's words (64 signs, 4 words a block), pairs (odd sizes) and tasks
+    for numel in (1, 2, 3, 63, 64, 65, 255, 1_000, (1 << 15) + 3, 1_000_003):
+        for seed, name in ((0, "w"), (7, "layer1.0.conv1.weight")):
+            compiled = torch.empty(numel)
+            seeding.fill_from_stream(compiled, kind, seed, name, 0.0371, compiled=True)
+            reference = seeding.reference_values(kind, seed, name, numel, 0.0371)
+            assert np.array_equal(compiled.numpy().view(np.uint32), reference.view(np.uint32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("init", ["signed_constant", "kaiming_normal", "kaiming_uniform"])
+def test_every_init_draws_the_same_bits_compiled_or_in_numpy(init, monkeypatch):
+    shape = torch.Size([96, 33, 3])
+    compiled = seeding.init_values(init, 3, "conv.weight", shape, fan_in=99)
+    monkeypatch.setattr(seeding.kernels, "_USE_KERNELS", False)  # the numpy reference
+    reference = seeding.init_values(init, 3, "conv.weight", shape, fan_in=99)
+    assert torch.equal(compiled.view(torch.int32), reference.view(torch.int32))
+    into = torch.full(shape, float("nan"))
+    assert seeding.init_values(init, 3, "conv.weight", shape, 99, out=into) is into
+    assert torch.equal(into, reference)
+
+
+def test_a_draw_is_written_into_a_strided_or_other_dtype_tensor_by_the_reference():
+    out = torch.empty(8, 6).t()  # not contiguous: the kernel does not apply
+    seeding.fill_from_stream(out, seeding.NORMAL, 1, "t", 0.5)
+    expected = seeding.reference_values(seeding.NORMAL, 1, "t", 48, 0.5)
+    assert np.array_equal(out.numpy(), expected.reshape(6, 8))
+    with pytest.raises(ValueError, match="shape"):
+        seeding.init_values("kaiming_normal", 0, "w", torch.Size([4]), 4, out=torch.empty(5))

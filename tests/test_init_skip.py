@@ -1,0 +1,74 @@
+"""Building a seeded base without its layer weights' init gives the base a plain build gives."""
+
+import logging
+
+import pytest
+import torch
+from conftest import MODELS
+from torch import nn
+
+from popup_adapter import get_popup_model
+from popup_adapter.init_skip import build_skipping_layer_init
+
+
+def _same_base(build) -> None:
+    torch.manual_seed(0)
+    skipped = get_popup_model(build_skipping_layer_init(build), k=0.3)
+    torch.manual_seed(1)  # another global RNG state: the base must not depend on it
+    plain = get_popup_model(build(), k=0.3)
+    assert skipped.base_fingerprint == plain.base_fingerprint
+    buffers = dict(plain.base_model.named_buffers())
+    for name, buffer in skipped.base_model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vit_tiny_patch16_224", "bert", "gpt2", "llama"])
+def test_skipping_the_layer_init_changes_no_value(name, caplog):
+    with caplog.at_level(logging.DEBUG, logger="popup_adapter.init_skip"):
+        _same_base(MODELS[name][0])
+    assert "building again" not in caplog.text  # these models skip soundly
+
+
+class _ReadsItsWeight(nn.Module):
+    """A constructor that computes a buffer from a layer weight after its init."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.register_buffer("norm", self.linear.weight.detach().norm(dim=1))
+
+
+class _NormalisedWeight(nn.Module):
+    """torch's legacy weight_norm: its g is computed from the weight at construction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.utils.weight_norm(nn.Conv1d(4, 4, 3))
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("module", [_ReadsItsWeight, _NormalisedWeight])
+def test_a_constructor_that_reads_a_layer_weight_is_built_the_plain_way(module, caplog):
+    with caplog.at_level(logging.DEBUG, logger="popup_adapter.init_skip"):
+        torch.manual_seed(0)
+        built = build_skipping_layer_init(module)
+    assert "building again" in caplog.text
+    torch.manual_seed(0)
+    reference = module()
+    for (name, value), expected in zip(
+        built.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, expected), name  # the plain build, same RNG: same values
+
+
+def test_a_layer_weight_shared_with_another_tensor_is_built_the_plain_way(caplog):
+    class SharesStorage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.register_buffer("alias", self.linear.weight.data)  # the same storage
+
+    with caplog.at_level(logging.DEBUG, logger="popup_adapter.init_skip"):
+        built = build_skipping_layer_init(SharesStorage)
+    assert "building again" in caplog.text
+    assert torch.isfinite(built.alias).all() and built.alias.abs().sum() > 0
