@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--models resnet18,resnet50,vit,bert,gpt2] [--rounds 7]
     python benchmarks/train_step.py --memory          # peak RSS of each variant, own process
+    python benchmarks/train_step.py --device cuda --bf16   # on a GPU, under bf16 autocast
 
 A step is forward + backward + SGD (momentum) step. The three variants of each model are timed
 interleaved, round after round, in one process (medians and min-max spread):
@@ -16,7 +17,8 @@ interleaved, round after round, in one process (medians and min-max spread):
   every layer's scores on every forward), carried here as the baseline.
 
 With ``--memory`` each variant runs in a fresh process and reports its peak RSS minus its RSS
-right after imports (so the model, its gradients and optimizer state all count).
+right after imports (so the model, its gradients and optimizer state all count); on CUDA, the
+peak its allocator reports.
 """
 
 from __future__ import annotations
@@ -84,14 +86,15 @@ def kernels_off(model):
             layer.use_kernels = setting
 
 
-def make_step(model, make_batch):
+def make_step(model, make_batch, device="cpu", bf16=False):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    batch = make_batch()
+    inputs, labels = (t.to(device) for t in make_batch())
+    autocast = (lambda: torch.autocast(device, torch.bfloat16)) if bf16 else nullcontext
 
     def step():
-        inputs, labels = batch
-        loss = F.cross_entropy(logits_of(model(inputs)), labels)
+        with autocast():
+            loss = F.cross_entropy(logits_of(model(inputs)), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -99,19 +102,27 @@ def make_step(model, make_batch):
     return step
 
 
-def variants(name: str):
+def variants(name: str, device: str = "cpu", bf16: bool = False):
     dense, make_batch = build(name)
     popup = get_popup_model(build(name)[0], k=0.5)
+    dense, popup = dense.to(device).train(), popup.to(device).train()
     return {
-        "dense": (make_step(dense.train(), make_batch), nullcontext),
-        "popup": (make_step(popup.train(), make_batch), nullcontext),
-        "eager": (make_step(popup.train(), make_batch), lambda: kernels_off(popup)),
-        "sort": (make_step(popup.train(), make_batch), reference_selection),
+        "dense": (make_step(dense, make_batch, device, bf16), nullcontext),
+        "popup": (make_step(popup, make_batch, device, bf16), nullcontext),
+        "eager": (make_step(popup, make_batch, device, bf16), lambda: kernels_off(popup)),
+        "sort": (make_step(popup, make_batch, device, bf16), reference_selection),
     }
 
 
-def time_model(name: str, rounds: int, steps: int) -> dict[str, list[float]]:
-    runs = variants(name)
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_model(
+    name: str, rounds: int, steps: int, device: str = "cpu", bf16: bool = False
+) -> dict[str, list[float]]:
+    runs = variants(name, device, bf16)
     times: dict[str, list[float]] = {key: [] for key in runs}
     for step, context in runs.values():  # warm-up
         with context():
@@ -119,9 +130,11 @@ def time_model(name: str, rounds: int, steps: int) -> dict[str, list[float]]:
     for _ in range(rounds):
         for key, (step, context) in runs.items():
             with context():
+                synchronize(device)
                 start = time.perf_counter()
                 for _ in range(steps):
                     step()
+                synchronize(device)
                 times[key].append((time.perf_counter() - start) / steps)
     return times
 
@@ -130,16 +143,18 @@ def rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
 
 
-def memory_child(name: str, variant: str) -> None:
+def memory_child(name: str, variant: str, device: str = "cpu", bf16: bool = False) -> None:
     after_imports = rss_mb()
-    if variant == "dense":
-        model, make_batch = build(name)
-        step = make_step(model.train(), make_batch)
-    else:
-        model = get_popup_model(build(name)[0], k=0.5)
-        step = make_step(model.train(), build(name)[1])
+    model, make_batch = build(name)
+    if variant == "popup":
+        model = get_popup_model(model, k=0.5)
+    step = make_step(model.to(device).train(), make_batch, device, bf16)
     for _ in range(3):
         step()
+    if device.startswith("cuda"):  # the accelerator's peak: its allocator's statistics
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(json.dumps({"peak_minus_imports_mb": peak}))
+        return
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_minus_imports_mb": peak - after_imports}))
 
@@ -151,15 +166,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps timed per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda where there is one")
+    parser.add_argument("--bf16", action="store_true", help="the forward under bf16 autocast")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        memory_child(*args.child)
+        memory_child(*args.child, args.device, args.bf16)
         return
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, k=0.5, "
-        "timm models at 64x64 batch 32, BERT/GPT-2 (4 layers, hidden 256) batch 8 x 128"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}"
+        f"{', bf16 autocast' if args.bf16 else ''}, k=0.5, timm models at 64x64 batch 32, "
+        "BERT/GPT-2 (4 layers, hidden 256) batch 8 x 128"
     )
     for name in args.models.split(","):
         if args.memory:
@@ -174,6 +192,9 @@ def main() -> None:
                         variant,
                         "--threads",
                         str(args.threads),
+                        "--device",
+                        args.device,
+                        *(["--bf16"] if args.bf16 else []),
                     ],
                     capture_output=True,
                     text=True,
@@ -185,7 +206,7 @@ def main() -> None:
                 f"{peaks['popup']:7.0f} MB, popup/dense {peaks['popup'] / peaks['dense']:.2f}x"
             )
             continue
-        times = time_model(name, args.rounds, args.steps)
+        times = time_model(name, args.rounds, args.steps, args.device, args.bf16)
         med = {key: statistics.median(values) for key, values in times.items()}
         spread = {key: f"{min(v) * 1e3:.0f}-{max(v) * 1e3:.0f}" for key, v in times.items()}
         print(

@@ -20,6 +20,16 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
+#: the devices the device-parametrized tests run on: the CPU, and CUDA where there is one
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device of `DEVICES` in turn (layer, selection, seeding and training tests)."""
+    return torch.device(request.param)
+
+
 def tiny_bert():
     from transformers import AutoModelForSequenceClassification, BertConfig
 

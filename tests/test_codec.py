@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import needs_kernels
 
 from popup_adapter import ArtifactError
 from popup_adapter.codec import decode_mask, encode_mask, entropy_bits
@@ -82,3 +83,48 @@ def test_the_plain_coder_is_kept_where_the_base_says_nothing():
     encoding, payload, bucket_kept = encode_mask_given_base(mask, signed_constant)
     assert (encoding, bucket_kept) == (encode_mask(mask)[0], None)
     assert payload.nbytes == encode_mask(mask)[1].nbytes
+
+
+@needs_kernels
+def test_the_compiled_decoder_gives_constrictions_bits(monkeypatch):
+    """Both rANS encodings decode to the same bits compiled or by constriction, for masks
+    and for arbitrary words (what a corrupted payload holds), and a stream constriction
+    refuses is refused too."""
+    from popup_adapter import codec
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for numel in (2, 37, 1000, 65_536, 300_001):
+        bits = rng.random(numel) < rng.uniform(0.01, 0.6)
+        bits[0] = not bits[1]  # neither empty nor full
+        weight = torch.from_numpy(rng.standard_normal(numel).astype(np.float32))
+        lean = torch.from_numpy(bits | (np.abs(weight.numpy()) > 2.5))  # leans on |W|
+        for mask in (torch.from_numpy(bits), lean):
+            encoding, payload, bucket_kept = codec.encode_mask_given_base(mask, weight)
+            garbage = rng.integers(1, 2**32, payload.size // 4 + 2, dtype=np.uint64)
+            garbage = garbage.astype("<u4").view(np.uint8)
+            cases += [(encoding, p, mask, weight, bucket_kept) for p in (payload, garbage)]
+    assert {case[0] for case in cases} >= {"rans", "rans_magnitude"}
+
+    def decode(encoding, payload, mask, weight, bucket_kept):
+        words = np.frombuffer(payload.tobytes(), "<u4").astype(np.uint32)
+        if encoding == "rans":
+            kept = int(mask.sum())
+            return codec._decode_bernoulli(
+                words, mask.numel(), np.array([kept / mask.numel()]), None
+            )
+        buckets = codec.magnitude_buckets(weight)
+        table = codec._bucket_table(buckets, bucket_kept)
+        return codec._decode_bernoulli(words, mask.numel(), table, buckets)
+
+    rans = [case for case in cases if case[0] != "packed"]
+    compiled = [decode(*case) for case in rans]
+    monkeypatch.setattr(codec.kernels, "_USE_KERNELS", False)
+    reference = [decode(*case) for case in rans]
+    for (encoding, *_), ours, theirs in zip(rans, compiled, reference, strict=True):
+        assert np.array_equal(ours, theirs), encoding
+    for compiled_setting in (True, False):
+        monkeypatch.setattr(codec.kernels, "_USE_KERNELS", compiled_setting)
+        trailing_zero = np.array([7, 0], "<u4").view(np.uint8)
+        with pytest.raises(ArtifactError, match="does not decode"):
+            decode_mask("rans", trailing_zero, (100,), 30, "layer x")

@@ -42,11 +42,11 @@ CASES = [
 
 
 @pytest.mark.parametrize(("make", "make_input", "cls"), CASES)
-def test_forward_is_the_base_layer_with_masked_weight(make, make_input, cls):
-    base = make()
+def test_forward_is_the_base_layer_with_masked_weight(make, make_input, cls, device):
+    base = make().to(device)
     layer = _with_scores(base)
     assert isinstance(layer, cls) and layer.base_layer is base
-    x = make_input()
+    x = make_input().to(device)
     mask = topk_mask(layer.popup_scores["default"], layer.popup_kept["default"])
     assert int(mask.sum()) == round(0.4 * base.weight.numel())
     expected_layer = _copy_with_weight(base, base.weight.detach() * mask)
@@ -269,3 +269,30 @@ def test_an_adapted_model_deep_copies():
     with torch.no_grad():
         assert torch.equal(twin(x), model(x))
     assert twin.base_model.features[0].base_weight is not model.base_model.features[0].base_weight
+
+
+def test_training_steps_on_every_device_select_what_the_cpu_selects(device):
+    """The same model trained for a few steps on ``device`` and on the CPU: the same base
+    (regenerated on the CPU, moved), the same masks, scores within float tolerance (the
+    convolutions' sums run in another order on an accelerator)."""
+    from popup_adapter import get_popup_model
+    from popup_adapter.convnets import create_conv_net
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 28, 28, generator=generator), torch.arange(8) % 10)] * 3
+    models = []
+    for where in (torch.device("cpu"), device):
+        model = get_popup_model(create_conv_net("conv2", width=0.25), k=0.3).to(where)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(model(x.to(where)), y.to(where))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        models.append(model)
+    cpu, other = models
+    assert other.base_fingerprint == cpu.base_fingerprint
+    for name, mask in cpu.get_masks().items():
+        assert torch.equal(other.get_masks()[name].cpu(), mask), name
+    for (name, ours), theirs in zip(cpu.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(theirs.cpu(), ours, rtol=1e-4, atol=1e-6, msg=name)

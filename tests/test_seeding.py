@@ -90,3 +90,13 @@ def test_a_draw_is_written_into_a_strided_or_other_dtype_tensor_by_the_reference
     assert np.array_equal(out.numpy(), expected.reshape(6, 8))
     with pytest.raises(ValueError, match="shape"):
         seeding.init_values("kaiming_normal", 0, "w", torch.Size([4]), 4, out=torch.empty(5))
+
+
+def test_a_base_drawn_into_a_tensor_on_any_device_has_the_cpu_bits(device):
+    shape = torch.Size([64, 9])
+    cpu = seeding.init_values("kaiming_normal", 5, "w", shape, fan_in=9)
+    there = seeding.init_values(
+        "kaiming_normal", 5, "w", shape, 9, out=torch.empty(shape, device=device)
+    )
+    assert there.device == device
+    assert seeding.fingerprint([("w", there)]) == seeding.fingerprint([("w", cpu)])

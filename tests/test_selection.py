@@ -15,15 +15,15 @@ def test_num_kept_is_round_k_n_at_least_one(k, n, expected):
 
 @pytest.mark.parametrize("shape", [(7,), (16, 9), (8, 3, 3, 3), (4, 2, 3, 3, 3)])
 @pytest.mark.parametrize("k", [0.05, 0.3, 0.5, 0.99])
-def test_topk_mask_equals_full_sort(shape, k):
+def test_topk_mask_equals_full_sort(shape, k, device):
     scores = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     kept = num_kept(k, scores.numel())
-    mask = topk_mask(scores, kept)
+    mask = topk_mask(scores.to(device), kept)
     reference = torch.zeros(scores.numel(), dtype=torch.bool)
     reference[scores.abs().flatten().sort(descending=True, stable=True).indices[:kept]] = True
-    assert mask.dtype == torch.bool and mask.shape == scores.shape
+    assert mask.dtype == torch.bool and mask.shape == scores.shape and mask.device == device
     assert int(mask.sum()) == kept
-    assert torch.equal(mask.flatten(), reference)
+    assert torch.equal(mask.flatten().cpu(), reference)
 
 
 def test_ties_are_broken_by_lowest_index():
@@ -33,12 +33,12 @@ def test_ties_are_broken_by_lowest_index():
     assert topk_mask(torch.zeros(10), 4).tolist() == [True] * 4 + [False] * 6
 
 
-def test_straight_through_gradient_by_hand():
+def test_straight_through_gradient_by_hand(device):
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(5, 4, generator=generator)
-    scores = torch.randn(5, 4, generator=generator, requires_grad=True)
-    x = torch.randn(3, 4, generator=generator)
-    upstream = torch.randn(3, 5, generator=generator)
+    weight = torch.randn(5, 4, generator=generator).to(device)
+    scores = torch.randn(5, 4, generator=generator).to(device).requires_grad_(True)
+    x = torch.randn(3, 4, generator=generator).to(device)
+    upstream = torch.randn(3, 5, generator=generator).to(device)
 
     out = torch.nn.functional.linear(x, masked_weight(weight, scores, 8))
     (out * upstream).sum().backward()
@@ -60,7 +60,7 @@ def test_weight_gradient_is_masked_when_weights_train():
     assert torch.equal(weight.grad, topk_mask(scores, 5).float())
 
 
-def test_threshold_reuse_is_exact_at_every_step():
+def test_threshold_reuse_is_exact_at_every_step(device):
     """The stateful selection (last threshold reused) against a full sort, over a training-like
     sequence of score updates: small drifts, a large jump, a rescale, and exact ties."""
     from popup_adapter.selection import SelectionState
@@ -70,9 +70,9 @@ def test_threshold_reuse_is_exact_at_every_step():
     state = SelectionState()
     kept = num_kept(0.3, start.numel())
     for update, scores in score_updates(start, generator):
-        mask = topk_mask(scores, kept, state)
+        mask = topk_mask(scores.to(device), kept, state)
         assert int(mask.sum()) == kept
-        assert torch.equal(mask, full_sort_mask(scores, kept)), update
+        assert torch.equal(mask.cpu(), full_sort_mask(scores, kept)), update
     assert state.threshold is not None
 
 
