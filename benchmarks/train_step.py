@@ -10,6 +10,8 @@ interleaved, round after round, in one process (medians and min-max spread):
 - ``dense``: the plain model, every weight trained (the floor: the same gradients are computed);
 - ``popup``: ``get_popup_model(model, k=0.5)``, only scores train, popup_adapter's selection
   (the fused CPU kernels when they are built);
+- ``kept``: the same popup step with ``W * M`` kept for the backward (autograd's default), as
+  before it was written again there: what that saves in memory costs this in time;
 - ``eager``: the same popup model with each layer's ``use_kernels`` off (as
   ``POPUP_ADAPTER_KERNELS=0`` builds them): the same selection in plain torch operations, to
   show what the kernels bring;
@@ -47,7 +49,7 @@ class ReferenceSortMask(torch.autograd.Function):
     """The reference implementation's GetSubnet: sort all |scores|, keep the top ``kept``."""
 
     @staticmethod
-    def forward(ctx, weight, scores, kept, state=None, single_use=False, fused=None):
+    def forward(ctx, weight, scores, kept, state=None, single_use=False, fused=None, binary=False):
         out = scores.detach().abs().clone()
         _, idx = out.flatten().sort()
         flat = out.flatten()
@@ -59,7 +61,7 @@ class ReferenceSortMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, scores = ctx.saved_tensors
-        return None, grad * weight * scores.sign(), None, None, None, None
+        return None, grad * weight * scores.sign(), None, None, None, None, None
 
 
 @contextmanager
@@ -70,6 +72,17 @@ def reference_selection():
         yield
     finally:
         popup_layers.masked_weight = original
+
+
+@contextmanager
+def masked_weight_kept():
+    """The popup step as before ``W * M`` was written again in the backward: autograd keeps it."""
+    original = popup_layers.masked_weight_recipe
+    popup_layers.masked_weight_recipe = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        popup_layers.masked_weight_recipe = original
 
 
 @contextmanager
@@ -109,6 +122,7 @@ def variants(name: str, device: str = "cpu", bf16: bool = False):
     return {
         "dense": (make_step(dense, make_batch, device, bf16), nullcontext),
         "popup": (make_step(popup, make_batch, device, bf16), nullcontext),
+        "kept": (make_step(popup, make_batch, device, bf16), masked_weight_kept),
         "eager": (make_step(popup, make_batch, device, bf16), lambda: kernels_off(popup)),
         "sort": (make_step(popup, make_batch, device, bf16), reference_selection),
     }
@@ -146,11 +160,12 @@ def rss_mb() -> float:
 def memory_child(name: str, variant: str, device: str = "cpu", bf16: bool = False) -> None:
     after_imports = rss_mb()
     model, make_batch = build(name)
-    if variant == "popup":
+    if variant != "dense":
         model = get_popup_model(model, k=0.5)
     step = make_step(model.to(device).train(), make_batch, device, bf16)
-    for _ in range(3):
-        step()
+    with masked_weight_kept() if variant == "kept" else nullcontext():
+        for _ in range(3):
+            step()
     if device.startswith("cuda"):  # the accelerator's peak: its allocator's statistics
         peak = torch.cuda.max_memory_allocated() / 2**20
         print(json.dumps({"peak_minus_imports_mb": peak}))
@@ -182,7 +197,7 @@ def main() -> None:
     for name in args.models.split(","):
         if args.memory:
             peaks = {}
-            for variant in ("dense", "popup"):
+            for variant in ("dense", "popup", "kept"):
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -203,7 +218,9 @@ def main() -> None:
                 peaks[variant] = json.loads(out.splitlines()[-1])["peak_minus_imports_mb"]
             print(
                 f"{name:<9} memory: dense {peaks['dense']:7.0f} MB, popup "
-                f"{peaks['popup']:7.0f} MB, popup/dense {peaks['popup'] / peaks['dense']:.2f}x"
+                f"{peaks['popup']:7.0f} MB, W*M kept {peaks['kept']:7.0f} MB | popup/dense "
+                f"{peaks['popup'] / peaks['dense']:.2f}x, kept/dense "
+                f"{peaks['kept'] / peaks['dense']:.2f}x"
             )
             continue
         times = time_model(name, args.rounds, args.steps, args.device, args.bf16)
@@ -212,7 +229,8 @@ def main() -> None:
         print(
             f"{name:<9} "
             + ", ".join(f"{key} {med[key] * 1e3:.1f} ms ({spread[key]})" for key in med)
-            + f" | popup/dense {med['popup'] / med['dense']:.3f}x, eager/dense "
+            + f" | popup/dense {med['popup'] / med['dense']:.3f}x, popup/kept "
+            f"{med['popup'] / med['kept']:.3f}x, eager/dense "
             f"{med['eager'] / med['dense']:.3f}x, sort/popup {med['sort'] / med['popup']:.2f}x"
         )
 

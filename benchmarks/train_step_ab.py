@@ -57,6 +57,8 @@ def share_kernels(old, folder: Path) -> None:
     if (folder / source).read_bytes() != (ROOT / source).read_bytes():
         raise SystemExit(f"{source} differs between the revisions: compare them in two processes")
     old.kernels.load_kernels = popup_adapter.kernels.load_kernels
+    # modules that imported load_kernels itself find the same library file (loaded once)
+    old.kernels.build_directory = popup_adapter.kernels.build_directory
 
 
 def make_step(model, batch):

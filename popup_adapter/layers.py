@@ -173,16 +173,14 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
         scores, kept = self.popup_scores[adapter], self._current_kept(adapter)
         states, binary = self.popup_selection[adapter], self.popup_binary[adapter]
         single_use = single_use and not self.per_expert
-        masks = list(zip(self._per_mask(weight), self._per_mask(scores), states, strict=True))
         parts = [
             masked_weight(w, s, kept, state, single_use, self.use_kernels, binary)
-            for w, s, state in masks
+            for w, s, state in zip(
+                self._per_mask(weight), self._per_mask(scores), states, strict=True
+            )
         ]
-        recipes = [
-            masked_weight_recipe(w, s, kept, state, self.use_kernels, binary)
-            for w, s, state in masks
-        ]
-        if not torch.is_grad_enabled() or any(recipe is None for recipe in recipes):
+        recipes = [masked_weight_recipe(part) for part in parts]
+        if any(recipe is None for recipe in recipes):
             recipe = None
         elif self.per_expert:
 

@@ -326,6 +326,7 @@ class FusedStraightThroughMask(torch.autograd.Function):
         state.record(threshold, first_try)
         ctx.save_for_backward(weight, scores_c)
         ctx.single_use = single_use
+        ctx.recipe = (kept, threshold, binary)  # to write the output again (masked_weight_recipe)
         return binarize_(out, kept) if binary else out
 
     @staticmethod
@@ -363,38 +364,29 @@ class _Recipe:
         return self.recompute().as_strided(self.shape, self.stride, self.offset)
 
 
-def masked_weight_recipe(
-    weight: torch.Tensor,
-    scores: torch.Tensor,
-    kept: int,
-    state: SelectionState | None,
-    fused: bool,
-    binary: bool = False,
-) -> Callable[[], torch.Tensor] | None:
-    """How to write again, in the backward, the ``W * M`` that `masked_weight` has just
-    returned, without keeping it: the fused forward kernel, given the threshold it found (a
-    band of width zero: the same mask, ties included, in one pass).
+def masked_weight_recipe(masked: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """How to write again, in the backward, a ``W * M`` that `masked_weight` returned, without
+    keeping it: the fused forward kernel, given the threshold that very call found (a band of
+    width zero: the same mask, ties included, in one pass).
 
     Args:
-        weight: as passed to `masked_weight`.
-        scores: as passed (they do not change before the backward: the optimizer steps after).
-        kept: as passed.
-        state: as passed, now holding the threshold of that call.
-        fused: as passed.
-        binary: as passed.
+        masked: `masked_weight`'s result (its scores must not change before the backward: the
+            optimizer steps after it).
 
     Returns:
-        A function returning a tensor equal to that ``W * M``, or None where the fused kernels
-        did not serve the call (the weight is then kept as autograd saves it).
+        A function returning a tensor equal to ``masked``, or None where the fused kernels did
+        not compute it or autograd recorded nothing (the tensor is then kept as autograd
+        keeps it).
     """
-    fused = kernels.use_kernels() if fused is None else fused
-    if not _fused_kernels_apply(weight, scores, state, fused) or state.threshold is None:
+    node = masked.grad_fn
+    if not isinstance(node, FusedStraightThroughMask._backward_cls):
         return None
-    threshold = state.threshold
+    weight, scores = node.saved_tensors
+    kept, threshold, binary = node.recipe
 
     def recompute() -> torch.Tensor:
         out, _, status = torch.ops.popup_adapter.masked_weight_forward(
-            weight.contiguous(), scores.detach().contiguous(), kept, threshold, threshold
+            weight, scores, kept, threshold, threshold
         )
         if status != kernels.FOUND:  # the scores changed between the forward and the backward
             raise RuntimeError(
