@@ -35,6 +35,10 @@ _NORM_TYPES = (
     nn.LocalResponseNorm,
 )
 _DEFAULT_EMBEDDING_STD = 0.02
+#: set by `popup_adapter.init_skip` on an embedding weight whose init it skipped: the tensor
+#: holds no values yet, so `seed_base` draws it without asking whether its constructor made it
+#: a constant
+UNSET_ATTRIBUTE = "_popup_unset"
 
 
 def is_norm_module(module: nn.Module) -> bool:
@@ -197,6 +201,9 @@ def seed_base(
         for pid, users in owners.items():
             param = params[pid]
             param.requires_grad_(False)
+            unset = getattr(param, UNSET_ATTRIBUTE, False)
+            if unset:
+                delattr(param, UNSET_ATTRIBUTE)
             name, module, leaf = min(users, key=lambda user: user[0])
             if not is_drawn(config, name):
                 continue
@@ -215,6 +222,8 @@ def seed_base(
                 value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
             elif leaf == "bias":
                 value = torch.zeros(param.shape)
+            elif unset:  # no constructor value to keep: drawn like any non-constant tensor
+                value = normal_values(config.seed, name, param.shape, std, out=out)
             elif _is_constant(param):  # what its constructor set (e.g. from ls_init_value)
                 continue
             elif param.ndim <= 1 and (constant := fresh.constant(name, param)) is not None:

@@ -5,8 +5,11 @@ library's own weight init (``reset_parameters``, timm's ``init_weights``, transf
 ``_init_weights``): for ResNet-50 that is 25M random draws, more time than regenerating the
 same weights from the seed, and every one of them is overwritten by `seed_base`, which
 draws the weight of each Linear/Conv/``Conv1D`` whatever it held. `build_skipping_layer_init`
-runs the constructor with the in-place fills of exactly those tensors skipped, and nothing
-else changed: buffers, constants and every other parameter get their constructor values.
+runs the constructor with the in-place writes into exactly those tensors skipped, and the
+random fills of embedding weights (24M draws for BERT-base's), which seeding also draws unless
+the constructor made them a constant: an embedding it fills with a constant keeps that, and the
+others are marked unset for `seed_base`. Nothing else changes: buffers, constants and every
+other parameter get their constructor values.
 
 Skipping is only sound when nothing reads a skipped tensor before it is drawn (a
 ``weight_norm`` computing its norm from the weight, a copy into a buffer) and when each one
@@ -26,7 +29,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 from torch.overrides import TorchFunctionMode
 
-from .base import is_weight_layer
+from .base import UNSET_ATTRIBUTE, is_weight_layer
 
 _logger = logging.getLogger(__name__)
 Model = TypeVar("Model", bound=nn.Module)
@@ -35,6 +38,27 @@ Model = TypeVar("Model", bound=nn.Module)
 _NOT_FILLS = {"requires_grad_", "share_memory_", "retain_grad", "detach_", "rename_"}
 #: in-place methods that change a tensor's storage: the weight cannot be followed after them
 _RESTORAGE = {"set_", "resize_", "resize_as_", "as_strided_", "swap_"}
+#: the random fills (torch's and ``torch.nn.init``'s): what an embedding's init skips
+_RANDOM_FILLS = {
+    "normal_",
+    "uniform_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "orthogonal_",
+    "sparse_",
+    "random_",
+    "bernoulli_",
+    "exponential_",
+    "geometric_",
+    "log_normal_",
+    "cauchy_",
+}
+#: writes that give a whole tensor values of its own (an embedding a constructor zeroes keeps
+#: its zeros: seeding keeps a constant it finds there)
+_SETTING_WRITES = {"fill_", "zero_", "copy_", "constant_", "zeros_", "ones_", "eye_", "dirac_"}
 #: calls that read a tensor's metadata, never its values
 _METADATA = {
     "size",
@@ -56,6 +80,12 @@ _METADATA = {
     "__get__",
     "__set__",
 }
+
+
+def _is_drawn_weight(module: nn.Module) -> bool:
+    """A module whose ``weight`` seeding draws from the seed: a Linear/Conv/``Conv1D`` layer
+    (always), an embedding (as any tensor that is not a constant: marked unset here)."""
+    return is_weight_layer(module) or isinstance(module, nn.Embedding)
 
 
 def _storage(tensor: torch.Tensor) -> int:
@@ -101,14 +131,21 @@ def build_on_meta(build: Callable[[], Model]) -> Model:
         return build()
 
 
+def _numel(skipper: _LayerInitSkipper, address: int) -> int:
+    weight = skipper.layer_weights.get(address, skipper.embeddings.get(address))
+    return weight.numel()
+
+
 class _LayerInitSkipper(TorchFunctionMode):
     """Skips in-place writes into registered layer weights; notes any read of one."""
 
     def __init__(self) -> None:
         super().__init__()
         #: storage of every layer weight registered during the build (the tensors kept alive,
-        #: so that no other tensor reuses an address while the build runs)
+        #: so that no other tensor reuses an address while the build runs): every write skipped
         self.layer_weights: dict[int, torch.Tensor] = {}
+        #: the same for embedding weights: only their random fills are skipped
+        self.embeddings: dict[int, torch.Tensor] = {}
         #: storages whose writes were skipped: they hold no values yet
         self.skipped: set[int] = set()
         #: why skipping was unsound, or None
@@ -117,8 +154,12 @@ class _LayerInitSkipper(TorchFunctionMode):
     def register(self, module: nn.Module, name: str, param: Any) -> None:
         if not (name == "weight" and isinstance(param, torch.Tensor)):
             return
-        if is_weight_layer(module) and param.is_floating_point() and (address := _storage(param)):
+        if not (param.is_floating_point() and (address := _storage(param))):
+            return
+        if is_weight_layer(module):
             self.layer_weights[address] = param
+        elif isinstance(module, nn.Embedding):
+            self.embeddings[address] = param
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -126,15 +167,18 @@ class _LayerInitSkipper(TorchFunctionMode):
         target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
         address = _storage(target) if isinstance(target, torch.Tensor) else 0
         writes = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__"
-        if address in self.layer_weights and writes and name not in _NOT_FILLS:
+        watched = address in self.layer_weights or address in self.embeddings
+        if watched and writes and name not in _NOT_FILLS:
             if name in _RESTORAGE:
                 self.unsound = self.unsound or f"{name} on a layer weight"
-            else:
+            elif address in self.layer_weights or name in _RANDOM_FILLS:
                 self.skipped.add(address)
                 return target
         result = func(*args, **kwargs)
         if self.skipped and name not in _METADATA and not self.unsound:
             self._check_reads(name, (args, kwargs), result)
+        if watched and name in _SETTING_WRITES and target.numel() == _numel(self, address):
+            self.skipped.discard(address)  # an embedding given values of its own
         return result
 
     def _check_reads(self, name: str, inputs: Any, result: Any) -> None:
@@ -152,16 +196,20 @@ class _LayerInitSkipper(TorchFunctionMode):
         if self.unsound:
             return
         drawn = {
-            id(weight)
+            id(weight): weight
             for module in model.modules()
             if isinstance(weight := module._parameters.get("weight"), nn.Parameter)
-            and is_weight_layer(module)
+            and _is_drawn_weight(module)
         }
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
         for name, tensor in named:
             if id(tensor) not in drawn and _storage(tensor) in self.skipped:
                 self.unsound = f"{name} shares its storage with a layer weight left unset"
                 return
+        # seeding draws a layer weight whatever it holds; an embedding when told it holds nothing
+        for weight in drawn.values():
+            if _storage(weight) in self.skipped and _storage(weight) not in self.layer_weights:
+                setattr(weight, UNSET_ATTRIBUTE, True)
 
 
 def build_skipping_layer_init(build: Callable[[], Model]) -> Model:

@@ -378,6 +378,8 @@ def masked_weight_recipe(masked: torch.Tensor) -> Callable[[], torch.Tensor] | N
         not compute it or autograd recorded nothing (the tensor is then kept as autograd
         keeps it).
     """
+    if torch.compiler.is_compiling():  # compiled graphs never take the fused path
+        return None
     node = masked.grad_fn
     if not isinstance(node, FusedStraightThroughMask._backward_cls):
         return None
@@ -418,11 +420,16 @@ def saved_as_recipe(
         yield
         return
     # autograd keeps the hooks with what they saved: they must not hold the tensor itself
-    storage, dtype = tensor.untyped_storage().data_ptr(), tensor.dtype
+    storage, dtype, version = tensor.untyped_storage().data_ptr(), tensor.dtype, tensor._version
 
     def pack(saved: torch.Tensor) -> torch.Tensor | _Recipe:
-        # the weight itself or a view of it (nothing writes into W * M once it is made)
-        same = saved.dtype == dtype and saved.untyped_storage().data_ptr() == storage
+        # the weight itself or a view of it, as it was made (a forward that wrote into it in
+        # place saves what it wrote: kept as it is, the recipe would give the value before)
+        same = (
+            saved.dtype == dtype
+            and saved.untyped_storage().data_ptr() == storage
+            and saved._version == version
+        )
         return _Recipe(recompute, saved) if same else saved
 
     def unpack(packed: torch.Tensor | _Recipe) -> torch.Tensor:

@@ -72,3 +72,21 @@ def test_a_layer_weight_shared_with_another_tensor_is_built_the_plain_way(caplog
         built = build_skipping_layer_init(SharesStorage)
     assert "building again" in caplog.text
     assert torch.isfinite(built.alias).all() and built.alias.abs().sum() > 0
+
+
+def test_an_embedding_its_constructor_zeroes_keeps_its_zeros():
+    class ZeroEmbedding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Embedding(10, 4)  # normal_ (skipped)
+            nn.init.zeros_(self.table.weight)  # then a constant: seeding keeps it
+            self.other = nn.Embedding(10, 4, padding_idx=0)  # normal_, a zero row: drawn
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.table(x) + self.other(x))
+
+    _same_base(ZeroEmbedding)
+    model = get_popup_model(build_skipping_layer_init(ZeroEmbedding), k=0.5)
+    assert torch.equal(model.base_model.table.weight, torch.zeros(10, 4))
+    assert model.base_model.other.weight.std() > 0

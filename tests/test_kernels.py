@@ -218,3 +218,25 @@ def test_the_environment_default_is_read_at_import():
     env = {**os.environ, "POPUP_ADAPTER_KERNELS": "0"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert done.stdout.strip() == "False", done.stderr
+
+
+@needs_kernels
+def test_a_forward_that_writes_into_the_masked_weight_keeps_what_it_wrote():
+    """A module whose forward changes its weight in place before using it: autograd saves the
+    changed tensor, which no recipe could give back, so it is kept as it is."""
+    from popup_adapter import get_popup_model
+
+    class ScalesInPlace(torch.nn.Linear):
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight.mul_(2.0), self.bias)
+
+    torch.manual_seed(0)
+    model = get_popup_model(torch.nn.Sequential(ScalesInPlace(6, 4)), k=0.5)
+    x = torch.randn(3, 6, requires_grad=True)
+    model(x).square().sum().backward()
+    layer = next(layer for _, layer in model.popup_layers())
+    doubled = 2.0 * layer.base_weight * layer.get_mask()
+    expected = torch.autograd.grad(
+        torch.nn.functional.linear(x, doubled, layer.base_layer.bias).square().sum(), x
+    )[0]
+    torch.testing.assert_close(x.grad, expected)
