@@ -195,12 +195,30 @@ def topk_mask(scores: torch.Tensor, kept: int, state: SelectionState | None = No
     else:
         (threshold, no_ties), first_try = found
     state.record(float(threshold), first_try)
+    return mask_at_threshold(magnitude, threshold, kept, no_ties).view_as(scores)
+
+
+def mask_at_threshold(
+    magnitude: torch.Tensor, threshold: float | torch.Tensor, kept: int, no_ties: bool | None = None
+) -> torch.Tensor:
+    """The top ``kept`` of a flat ``magnitude``, given the ``kept``-th largest value: all at
+    or above it, or, where values tie at it, those above and the lowest-index ties.
+
+    Args:
+        magnitude: 1-D.
+        threshold: its ``kept``-th largest value.
+        kept: how many to keep.
+        no_ties: whether exactly ``kept`` values reach the threshold, where known.
+
+    Returns:
+        A 1-D bool tensor.
+    """
     mask = magnitude >= threshold
     if no_ties is None:
         no_ties = int(torch.count_nonzero(mask)) == kept
     if not no_ties:  # ties at the threshold: rare with float scores
         mask = _break_ties(magnitude, threshold, kept)
-    return mask.view_as(scores)
+    return mask
 
 
 def binarize_(masked: torch.Tensor, kept: int) -> torch.Tensor:
@@ -254,6 +272,8 @@ class StraightThroughMask(torch.autograd.Function):
         mask = topk_mask(scores, kept, state)
         # the mask is only needed for a weight gradient (weights are frozen in edge-popup)
         ctx.save_for_backward(weight, scores, mask if weight.requires_grad else None)
+        if state is not None and kept < scores.numel() and not torch.compiler.is_compiling():
+            ctx.recipe = (kept, state.threshold, binary)  # this call's threshold
         return binarize_(weight * mask, kept) if binary else weight * mask
 
     @staticmethod
@@ -366,31 +386,42 @@ class _Recipe:
 
 def masked_weight_recipe(masked: torch.Tensor) -> Callable[[], torch.Tensor] | None:
     """How to write again, in the backward, a ``W * M`` that `masked_weight` returned, without
-    keeping it: the fused forward kernel, given the threshold that very call found (a band of
-    width zero: the same mask, ties included, in one pass).
+    keeping it, given the threshold that very call found: the fused forward kernel with a band
+    of width zero, or, on the eager path (GPUs, kernels off), the mask at that threshold in
+    torch operations. The same mask, ties included, in one pass.
 
     Args:
         masked: `masked_weight`'s result (its scores must not change before the backward: the
             optimizer steps after it).
 
     Returns:
-        A function returning a tensor equal to ``masked``, or None where the fused kernels did
-        not compute it or autograd recorded nothing (the tensor is then kept as autograd
-        keeps it).
+        A function returning a tensor equal to ``masked``, or None where no threshold was
+        recorded (no selection state, k = 1, ``torch.compile``) or autograd recorded nothing
+        (the tensor is then kept as autograd keeps it).
     """
-    if torch.compiler.is_compiling():  # compiled graphs never take the fused path
-        return None
     node = masked.grad_fn
-    if not isinstance(node, FusedStraightThroughMask._backward_cls):
+    if torch.compiler.is_compiling() or getattr(node, "recipe", None) is None:
         return None
-    weight, scores = node.saved_tensors
+    if isinstance(node, FusedStraightThroughMask._backward_cls):
+        weight, scores = node.saved_tensors
+    elif isinstance(node, StraightThroughMask._backward_cls):
+        weight, scores, _ = node.saved_tensors
+    else:
+        return None
     kept, threshold, binary = node.recipe
+    fused = isinstance(node, FusedStraightThroughMask._backward_cls)
 
     def recompute() -> torch.Tensor:
-        out, _, status = torch.ops.popup_adapter.masked_weight_forward(
-            weight, scores, kept, threshold, threshold
-        )
-        if status != kernels.FOUND:  # the scores changed between the forward and the backward
+        if fused:
+            out, _, status = torch.ops.popup_adapter.masked_weight_forward(
+                weight, scores, kept, threshold, threshold
+            )
+            exact = status == kernels.FOUND
+        else:
+            magnitude = scores.detach().abs().flatten()
+            mask = mask_at_threshold(magnitude, threshold, kept).view_as(scores)
+            out, exact = weight * mask, int(torch.count_nonzero(mask)) == kept
+        if not exact:  # the scores changed between the forward and the backward
             raise RuntimeError(
                 "the scores changed between the forward and the backward; step the optimizer "
                 "after backward()"

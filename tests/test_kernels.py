@@ -93,8 +93,9 @@ def test_layer_backward_in_place_gives_the_eager_gradients(monkeypatch):
 @pytest.mark.parametrize("family", ["conv", "linear", "gpt2"])
 def test_masked_weights_are_written_again_in_the_backward_not_kept(family, monkeypatch):
     """Between the forward and the backward no layer keeps ``W * M``: autograd holds a recipe
-    that the backward runs once per layer (its input gradient needs the weight), and the
-    gradients are the eager path's, which keeps it."""
+    that the backward runs once per layer at most (where its input gradient needs the weight),
+    on the fused path and on the eager one, and the gradients are those of the same step with
+    ``W * M`` kept."""
     from conftest import tiny_gpt2
 
     from popup_adapter import get_popup_model, selection
@@ -113,29 +114,30 @@ def test_masked_weights_are_written_again_in_the_backward_not_kept(family, monke
     calls = []
     recipe = selection.masked_weight_recipe
 
-    def counted(*args, **kwargs):
-        recompute = recipe(*args, **kwargs)
+    def counted(masked):
+        recompute = recipe(masked)
         return None if recompute is None else lambda: calls.append(1) or recompute()
 
-    monkeypatch.setattr("popup_adapter.layers.masked_weight_recipe", counted)
     grads = []
-    for enabled in (True, False):
-        monkeypatch.setattr(kernels, "_USE_KERNELS", enabled)
-        torch.manual_seed(0)
-        model = get_popup_model(builds[family](), k=0.3)
-        output = model(inputs[family])
-        output = output if isinstance(output, torch.Tensor) else output.logits
-        assert calls == []  # nothing written again before the backward
-        output.square().mean().backward()
-        if enabled:
+    for fused in (True, False):
+        for write_again in (counted, lambda masked: None):
+            monkeypatch.setattr(kernels, "_USE_KERNELS", fused)
+            monkeypatch.setattr("popup_adapter.layers.masked_weight_recipe", write_again)
+            torch.manual_seed(0)
+            model = get_popup_model(builds[family](), k=0.3)
+            output = model(inputs[family])
+            output = output if isinstance(output, torch.Tensor) else output.logits
+            assert calls == []  # nothing written again before the backward
+            output.square().mean().backward()
             layers = len(list(model.popup_layers()))
-            assert 0 < len(calls) <= layers
+            assert (0 < len(calls) <= layers) if write_again is counted else calls == []
             calls.clear()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert calls == []  # the eager path keeps W * M
-    assert grads[0].keys() == grads[1].keys() != set()
-    for name, grad in grads[0].items():
-        assert torch.equal(grad, grads[1][name]), name
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() != set()
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name, grad in grads[0].items():
+            assert torch.equal(grad, other[name]), name
 
 
 @needs_kernels
