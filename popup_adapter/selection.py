@@ -399,8 +399,10 @@ def masked_weight_recipe(masked: torch.Tensor) -> Callable[[], torch.Tensor] | N
         recorded (no selection state, k = 1, ``torch.compile``) or autograd recorded nothing
         (the tensor is then kept as autograd keeps it).
     """
+    if torch.compiler.is_compiling():  # compiled graphs keep their own saved tensors
+        return None
     node = masked.grad_fn
-    if torch.compiler.is_compiling() or getattr(node, "recipe", None) is None:
+    if getattr(node, "recipe", None) is None:
         return None
     if isinstance(node, FusedStraightThroughMask._backward_cls):
         weight, scores = node.saved_tensors
