@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import PopupConfig
-from .seeding import init_values, normal_values
+from .seeding import fills_in_place, init_values, normal_values
 
 _NORM_CLASS_NAME = re.compile(r"(Batch|Layer|Group|Instance|RMS)Norm")
 _NORM_TYPES = (
@@ -212,7 +212,7 @@ def seed_base(
                 for full, mod, lf in users
                 if full in masked or (lf == "weight" and is_weight_layer(mod))
             ]
-            out = param if _writable(param) else None  # drawn straight into the parameter
+            out = param if fills_in_place(param) else None  # drawn straight into the parameter
             if layer_users:
                 layer_name, layer_module = min(layer_users, key=lambda user: user[0])
                 value = layer_weight(
@@ -284,11 +284,6 @@ def layer_weight(
         fan_in *= config.k
     stream = f"redraw/{redraw}/{name}" if redraw else name
     return init_values(layer_init, config.seed, stream, weight.shape, fan_in, out=out)
-
-
-def _writable(param: torch.Tensor) -> bool:
-    """Whether a draw can be written into ``param`` as it is (no conversion on the way)."""
-    return param.dtype == torch.float32 and param.device.type == "cpu" and param.is_contiguous()
 
 
 def _is_constant(tensor: torch.Tensor) -> bool:

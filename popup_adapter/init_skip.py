@@ -104,15 +104,22 @@ def _tensors(values: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
+def _call(func, args: tuple, kwargs: dict) -> tuple[str, Any, bool]:
+    """A torch call's name, the tensor it acts on (``self``, or ``nn.init``'s ``tensor``), and
+    whether it writes into that tensor in place (a trailing ``_``, or item assignment)."""
+    name = getattr(func, "__name__", "")
+    target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+    writes = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__"
+    return name, target, writes
+
+
 class _MetaFillSkipper(TorchFunctionMode):
     """On the meta device an in-place fill computes nothing but costs a decomposition in
     Python (torch's reference ``normal_`` and friends): skipped, shapes are unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
-        writes = name.endswith("_") and not name.startswith("__")
+        name, target, writes = _call(func, args, kwargs)
         if writes and name not in _NOT_FILLS | _RESTORAGE and getattr(target, "is_meta", False):
             return target
         return func(*args, **kwargs)
@@ -129,11 +136,6 @@ def build_on_meta(build: Callable[[], Model]) -> Model:
     """
     with _MetaFillSkipper():
         return build()
-
-
-def _numel(skipper: _LayerInitSkipper, address: int) -> int:
-    weight = skipper.layer_weights.get(address, skipper.embeddings.get(address))
-    return weight.numel()
 
 
 class _LayerInitSkipper(TorchFunctionMode):
@@ -163,11 +165,10 @@ class _LayerInitSkipper(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+        name, target, writes = _call(func, args, kwargs)
         address = _storage(target) if isinstance(target, torch.Tensor) else 0
-        writes = (name.endswith("_") and not name.startswith("__")) or name == "__setitem__"
-        watched = address in self.layer_weights or address in self.embeddings
+        registered = self.layer_weights.get(address, self.embeddings.get(address))
+        watched = registered is not None
         if watched and writes and name not in _NOT_FILLS:
             if name in _RESTORAGE:
                 self.unsound = self.unsound or f"{name} on a layer weight"
@@ -177,7 +178,7 @@ class _LayerInitSkipper(TorchFunctionMode):
         result = func(*args, **kwargs)
         if self.skipped and name not in _METADATA and not self.unsound:
             self._check_reads(name, (args, kwargs), result)
-        if watched and name in _SETTING_WRITES and target.numel() == _numel(self, address):
+        if watched and name in _SETTING_WRITES and target.numel() == registered.numel():
             self.skipped.discard(address)  # an embedding given values of its own
         return result
 

@@ -148,10 +148,9 @@ class MergeMixin:
         self._merged_fingerprint = fingerprint
         config, tied = self._backbone_config, tied_parameter_ids(self.base_model)
         loaded_masks = loaded_masks or {}
-        layer_names = {id(layer): name for name, layer in self.popup_layers()}
         for target, layer in self._masked_layers():
             in_place = id(layer.base_weight) not in tied and is_drawn(config, target.parameter_path)
-            merge_layer(layer, in_place, loaded_masks.get(layer_names[id(layer)]))
+            merge_layer(layer, in_place, loaded_masks.get(target.key))
 
     def unmerge_adapter(self) -> None:
         """Undo [`merge_adapter`][popup_adapter.PopupModel.merge_adapter]: the base weights

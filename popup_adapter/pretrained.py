@@ -402,10 +402,9 @@ class PretrainedMixin:
             for name, layer in masked.items():
                 layer.load_mask(adapter_name, masks[name], scores=set_scores)
             if artifact.config.redraw_every:  # IteRand: the kept weights' redraws, regenerated
-                names = {id(layer): name for name, layer in masked.items()}
                 for target, layer in self._masked_layers():
                     counts = artifact.redraw_counts(target.key)
-                    mask = masks[names[id(layer)]]
-                    load_redraw_counts(layer, artifact.config, target.parameter_path, counts, mask)
+                    path, mask = target.parameter_path, masks[target.key]
+                    load_redraw_counts(layer, artifact.config, path, counts, mask)
         self.load_trained_state(adapter_name, artifact.stored_state(), where=artifact.weights_path)
         return masks

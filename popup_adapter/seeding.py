@@ -224,13 +224,7 @@ def fill_from_stream(
         RuntimeError: ``compiled=True`` where the kernels cannot be built.
     """
     if compiled is None:
-        compiled = (
-            out.dtype == torch.float32
-            and out.device.type == "cpu"
-            and out.is_contiguous()
-            and kernels.use_kernels()
-            and kernels.load_kernels()
-        )
+        compiled = fills_in_place(out) and kernels.use_kernels() and kernels.load_kernels()
     elif compiled and not kernels.load_kernels():
         raise RuntimeError("the compiled kernels are not available here (see the warning)")
     if compiled:
@@ -242,6 +236,19 @@ def fill_from_stream(
     with torch.no_grad():
         out.copy_(torch.from_numpy(values).reshape(out.shape))
     return out
+
+
+def fills_in_place(tensor: torch.Tensor) -> bool:
+    """Whether the compiled draws can write into ``tensor`` as it is: float32, CPU, contiguous
+    (any other tensor is filled through a copy).
+
+    Args:
+        tensor: the destination of a draw.
+
+    Returns:
+        True when no conversion stands between the stream and the tensor.
+    """
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.is_contiguous()
 
 
 def _into(out: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
@@ -319,7 +326,7 @@ def score_values(seed: int, name: str, shape: torch.Size, fan_in: float) -> torc
     Returns:
         A float32 tensor of ``shape``.
     """
-    out = torch.empty(torch.Size(shape), dtype=torch.float32)
+    out = _into(None, torch.Size(shape))
     return fill_from_stream(out, SYMMETRIC_UNIFORM, seed, f"scores/{name}", 1.0 / math.sqrt(fan_in))
 
 

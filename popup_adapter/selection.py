@@ -404,14 +404,11 @@ def masked_weight_recipe(masked: torch.Tensor) -> Callable[[], torch.Tensor] | N
     node = masked.grad_fn
     if getattr(node, "recipe", None) is None:
         return None
-    if isinstance(node, FusedStraightThroughMask._backward_cls):
-        weight, scores = node.saved_tensors
-    elif isinstance(node, StraightThroughMask._backward_cls):
-        weight, scores, _ = node.saved_tensors
-    else:
-        return None
-    kept, threshold, binary = node.recipe
     fused = isinstance(node, FusedStraightThroughMask._backward_cls)
+    if not (fused or isinstance(node, StraightThroughMask._backward_cls)):
+        return None
+    weight, scores = node.saved_tensors[:2]  # (the eager node also saves a mask, or None)
+    kept, threshold, binary = node.recipe
 
     def recompute() -> torch.Tensor:
         if fused:
