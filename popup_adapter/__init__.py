@@ -25,12 +25,14 @@ from .layer_kinds import PopupConv, PopupConv1D, PopupEmbedding, PopupLinear
 from .layers import PopupLayer
 from .model import PopupModel, get_popup_model
 from .selection import masked_weight, num_kept, topk_mask
+from .task_inference import AdapterInference
 
 __all__ = [
     "INITS",
     "METHODS",
     "SELECTIONS",
     "AdapterError",
+    "AdapterInference",
     "AlreadyAdaptedError",
     "ArtifactError",
     "BaseMismatchError",

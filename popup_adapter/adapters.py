@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
+from .routing import BASE_ADAPTER, Route, Superposition
 
 #: the buffers of a BatchNorm that training changes
 BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -37,6 +38,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        #: the adapter of each sample, during a mixed-batch forward (`popup_adapter.routing`)
+        self.popup_route: Route | Superposition | None = None
 
     def update(self, adapter_name: str) -> None:
         """Add a trainable copy of the original module for ``adapter_name``.
@@ -67,7 +70,8 @@ class ModulesToSaveWrapper(nn.Module):
         del self.modules_to_save[adapter_name]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The active adapter's copy (the original when adapters are disabled).
+        """The active adapter's copy (the original when adapters are disabled; each sample's
+        adapter's in a mixed batch).
 
         Args:
             *args: the wrapped module's own inputs.
@@ -76,9 +80,16 @@ class ModulesToSaveWrapper(nn.Module):
         Returns:
             What that copy returns.
         """
-        if self.disable_adapters or self.active_adapter is None:
+        if self.popup_route is not None:
+            return self.popup_route(args, kwargs, self._forward_as)
+        adapter = None if self.disable_adapters else self.active_adapter
+        return self._forward_as(adapter, args, kwargs)
+
+    def _forward_as(self, adapter: str | None, args: tuple, kwargs: dict) -> Any:
+        """``adapter``'s copy (None or `BASE_ADAPTER`: the original module)."""
+        if adapter is None or adapter == BASE_ADAPTER:
             return self.original_module(*args, **kwargs)
-        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+        return self.modules_to_save[adapter](*args, **kwargs)
 
 
 def initial_batchnorm_stats(bn: nn.Module, prefix: str) -> dict[str, torch.Tensor]:

@@ -24,6 +24,14 @@ total checked against k), and with IteRand each layer's redraw counts of its kep
 file). Formats 1 (the first release: no structure, each masked layer's ``weight`` named by its
 module), 2 (a fixed tensor file name, ``popup_model.safetensors``) and 3 stay readable: their
 masks load onto the tensors they list, whatever later versions mask by default.
+
+A collection (`read_collection`) holds several masks over one base in one folder:
+``popup_collection.json`` (collection format 1) records the base's spec, fingerprint and
+structure once, and each member's config as its ``popup_config.json`` would hold it without
+those fields; each member has its tensor file, named by its content as above, and the card
+lists them. The manifest is the commit point, written after the tensor files, so a reader sees
+one collection whole; each member is checked as an artifact is, and only the members asked
+for are read.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +51,7 @@ from safetensors.numpy import load
 
 from . import __version__
 from .artifact_schema import (
+    COLLECTION_NAME,
     CONFIG_NAME,
     MASK_PREFIX,
     READABLE_FORMATS,
@@ -49,6 +59,7 @@ from .artifact_schema import (
     STATE_PREFIX,
     check_tensors,
     parse_json,
+    validate_collection,
     validate_meta,
 )
 from .codec import decode_counts, decode_mask, entropy_bits
@@ -70,6 +81,16 @@ class Artifact:
     meta: dict[str, Any]
     config: PopupConfig
     tensors: dict[str, np.ndarray]
+    #: its adapter's name when it is a member of a collection (`read_collection`)
+    member: str | None = None
+
+    @property
+    def config_path(self) -> str:
+        """Where its config is, as messages name it: ``popup_config.json``, or its entry in a
+        collection's ``popup_collection.json``."""
+        if self.member is None:
+            return str(self.folder / CONFIG_NAME)
+        return f"{self.folder / COLLECTION_NAME} (adapter {self.member!r})"
 
     @property
     def weights_path(self) -> Path:
@@ -136,7 +157,7 @@ class Artifact:
                 "differ and you have checked the outputs, check_structure=False skips this check."
             )
         raise BaseMismatchError(
-            f"{self.folder / CONFIG_NAME}: the base built here is not the network the mask was "
+            f"{self.config_path}: the base built here is not the network the mask was "
             f"trained on; their structures first differ at {difference}\n{fix}{versions}"
         )
 
@@ -216,7 +237,7 @@ class Artifact:
             BaseMismatchError: naming the first tensor that is missing, extra or shaped
                 otherwise.
         """
-        where = self.folder / CONFIG_NAME
+        where = self.config_path
         if set(shapes) != set(self.layers):
             missing = sorted(set(self.layers) - set(shapes))[:5]
             extra = sorted(set(shapes) - set(self.layers))[:5]
@@ -245,7 +266,7 @@ class Artifact:
                 weights) and the likely cause.
         """
         self.check_shapes(shapes)
-        where = self.folder / CONFIG_NAME
+        where = self.config_path
         if fingerprint != self.base_fingerprint:
             raise BaseMismatchError(
                 f"the regenerated base does not match the mask in {where}: fingerprint "
@@ -274,29 +295,147 @@ def read_artifact(folder: str | os.PathLike) -> Artifact:
             format (the message names the file and the field).
     """
     folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    for _ in range(_READ_ATTEMPTS):
-        config_bytes = _read(config_path, folder)
-        meta = parse_json(config_bytes, config_path)
+
+    def parse(data: bytes, path: Path) -> tuple[dict, PopupConfig]:
+        meta = parse_json(data, path)
         version = meta.get("format_version") if isinstance(meta, dict) else None
         if version not in READABLE_FORMATS:
             raise ArtifactError(
-                f"{config_path} has format version {repr(version)[:40]}; this popup_adapter "
+                f"{path} has format version {repr(version)[:40]}; this popup_adapter "
                 f"({__version__}) reads versions {list(READABLE_FORMATS)}. Upgrade popup_adapter."
             )
-        config = validate_meta(meta, config_path)
-        ((name, expected),) = meta["files"].items()
+        return meta, validate_meta(meta, path)
+
+    (meta, config), blobs = _read_committed(folder, CONFIG_NAME, parse, lambda p: [p[0]])
+    return Artifact(folder, meta, config, _checked_tensors(folder, meta, blobs))
+
+
+def is_collection(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a collection (several masks over one base) rather than one
+    artifact.
+
+    Args:
+        folder: a local folder.
+
+    Returns:
+        True where ``popup_collection.json`` is.
+    """
+    return (Path(folder) / COLLECTION_NAME).is_file()
+
+
+def collection_members(
+    manifest: dict[str, tuple[dict, PopupConfig]], adapters: list[str] | None, where: object
+) -> list[str]:
+    """The members to read: ``adapters`` in their order (default: all, in the manifest's).
+
+    Args:
+        manifest: as `validate_collection` returns it.
+        adapters: the adapters asked for, or None.
+        where: the manifest, named in errors.
+
+    Returns:
+        Adapter names.
+
+    Raises:
+        ArtifactError: an adapter the collection does not hold, or none asked for.
+    """
+    if adapters is None:
+        return list(manifest)
+    missing = [name for name in adapters if name not in manifest]
+    if missing or not adapters:
+        raise ArtifactError(
+            f"{where} holds adapters {list(manifest)}; asked for {list(adapters)}"
+            + (f", which it lacks ({missing})" if missing else "")
+        )
+    return list(dict.fromkeys(adapters))
+
+
+def collection_files(folder: str | os.PathLike, adapters: list[str] | None = None) -> list[str]:
+    """The tensor files of ``adapters`` in a collection folder's manifest: what to download
+    of a Hub repo before reading them.
+
+    Args:
+        folder: holds ``popup_collection.json``.
+        adapters: the members wanted (default: all).
+
+    Returns:
+        File names.
+
+    Raises:
+        ArtifactError: a malformed manifest, or an adapter it does not hold.
+    """
+    path = Path(folder) / COLLECTION_NAME
+    manifest = _parse_collection(_read(path, Path(folder)), path)
+    return [
+        name
+        for member in collection_members(manifest, adapters, path)
+        for name in manifest[member][0]["files"]
+    ]
+
+
+def read_collection(
+    folder: str | os.PathLike, adapters: list[str] | None = None
+) -> dict[str, Artifact]:
+    """Read and check a collection folder's manifest and the tensor files of ``adapters``
+    alone (the others are not read): each member is checked as an artifact is.
+
+    Args:
+        folder: holds ``popup_collection.json`` and its members' tensor files.
+        adapters: the members to read (default: all).
+
+    Returns:
+        ``{adapter name: Artifact}``, in the order asked for.
+
+    Raises:
+        ArtifactError: a missing, malformed or corrupted file, or an adapter the collection
+            does not hold.
+    """
+    folder = Path(folder)
+    chosen: list[str] = []
+
+    def files(manifest: dict[str, tuple[dict, PopupConfig]]) -> list[dict]:
+        chosen[:] = collection_members(manifest, adapters, folder / COLLECTION_NAME)
+        return [manifest[name][0] for name in chosen]
+
+    manifest, blobs = _read_committed(folder, COLLECTION_NAME, _parse_collection, files)
+    artifacts = {}
+    for name in chosen:
+        meta, config = manifest[name]
+        tensors = _checked_tensors(folder, meta, blobs)
+        artifacts[name] = Artifact(folder, meta, config, tensors, member=name)
+    return artifacts
+
+
+def _parse_collection(data: bytes, path: Path) -> dict[str, tuple[dict, PopupConfig]]:
+    return validate_collection(parse_json(data, path), path)
+
+
+def _read_committed(
+    folder: Path, commit: str, parse: Callable[[bytes, Path], Any], metas: Callable[[Any], list]
+) -> tuple[Any, dict[str, bytes]]:
+    """The commit file, parsed, and the tensor files its ``metas`` name, read as one version:
+    a save that replaces them meanwhile makes it read again."""
+    path = folder / commit
+    for _ in range(_READ_ATTEMPTS):
+        data = _read(path, folder)
+        parsed = parse(data, path)
+        names = [name for meta in metas(parsed) for name in meta["files"]]
         try:
-            blob = (folder / name).read_bytes()
-            break
-        except FileNotFoundError:
-            if _read(config_path, folder) == config_bytes:  # not a save replacing it meanwhile
+            return parsed, {name: (folder / name).read_bytes() for name in names}
+        except FileNotFoundError as error:
+            if _read(path, folder) == data:  # not a save replacing it meanwhile
                 raise ArtifactError(
-                    f"{folder / name}, the tensor file {config_path} names, does not exist; "
-                    "the artifact is incomplete: copy or download the whole folder"
+                    f"{error.filename}, a tensor file {path} names, does not exist; the "
+                    "artifact is incomplete: copy or download the whole folder"
                 ) from None
-    else:
-        raise ArtifactError(f"{folder} is being saved to continually; retry once saves stop")
+    raise ArtifactError(f"{folder} is being saved to continually; retry once saves stop")
+
+
+def _checked_tensors(folder: Path, meta: dict, blobs: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """The tensors of ``meta``'s tensor file, checked against its recorded size and sha256
+    and against the layers it lists."""
+    ((name, expected),) = meta["files"].items()
+    blob = blobs[name]
     sha256 = hashlib.sha256(blob).hexdigest()
     if len(blob) != expected["size"] or sha256 != expected["sha256"]:
         raise ArtifactError(
@@ -309,7 +448,7 @@ def read_artifact(folder: str | os.PathLike) -> Artifact:
     except SafetensorError as error:
         raise ArtifactError(f"{folder / name}: not a safetensors file ({error})") from error
     check_tensors(meta["layers"], tensors, folder / name)
-    return Artifact(folder=folder, meta=meta, config=config, tensors=tensors)
+    return tensors
 
 
 def _read(path: Path, folder: Path) -> bytes:

@@ -4,7 +4,9 @@ A [`PopupModel`][popup_adapter.PopupModel] gathers `ArtifactContents` (plain dat
 never sees a model); `encode_artifact` turns it into the files' bytes, checking every
 value on the way (metrics included), so that nothing is left to fail once writing starts but
 the disk; `ArtifactFiles.write` writes them all or nothing (`popup_adapter.storage`)
-and a push sends them as one commit. The format itself: `popup_adapter.artifact`.
+and a push sends them as one commit. Several adapters' artifacts over one base make a
+collection (`encode_collection`): one tensor file each, the base recorded once. The format
+itself: `popup_adapter.artifact`.
 """
 
 from __future__ import annotations
@@ -23,16 +25,19 @@ from safetensors.torch import save
 from . import __version__
 from .artifact_schema import (
     CARD_NAME,
+    COLLECTION_FORMAT_VERSION,
+    COLLECTION_NAME,
     CONFIG_NAME,
     FORMAT_VERSION,
     MASK_PREFIX,
     REDRAW_PREFIX,
+    SHARED_FIELDS,
     STATE_PREFIX,
     checked_metrics,
     is_artifact_file,
     weights_name,
 )
-from .card import model_card
+from .card import collection_card, model_card
 from .codec import encode_counts, encode_mask, encode_mask_given_base
 from .config import PopupConfig
 from .errors import ArtifactError
@@ -41,10 +46,46 @@ from .structure import library_versions, structure_fingerprint
 from .targets import MaskTarget
 
 
+class CommittedFiles:
+    """Files in memory that a folder takes all or nothing (`popup_adapter.storage`): the
+    tensor files, named by their content, first; then the commit file that names them, which
+    switches versions; then the card. The previous save's files go after the commit."""
+
+    #: the file whose replacement switches versions
+    commit_name: str
+
+    def contents(self) -> dict[str, bytes]:
+        """Every file by name."""
+        raise NotImplementedError
+
+    def write(self, save_directory: str | os.PathLike) -> Path:
+        """Write the files into ``save_directory``, all or nothing, replacing the artifact or
+        collection saved there before.
+
+        Args:
+            save_directory: the folder (created if needed).
+
+        Returns:
+            The folder.
+        """
+        folder, data = Path(save_directory), self.contents()
+        commit, card = data.pop(self.commit_name), data.pop(CARD_NAME)
+        commit_files(
+            folder,
+            data=data,
+            commit=(self.commit_name, commit),
+            after={CARD_NAME: card},
+            owned=is_artifact_file,
+        )
+        return folder
+
+
 @dataclass
-class ArtifactFiles:
+class ArtifactFiles(CommittedFiles):
     """An artifact's files in memory, encoded and checked: nothing is left to fail once writing
     starts but the disk."""
+
+    commit_name = CONFIG_NAME
 
     blob: bytes
     meta: dict[str, Any]
@@ -56,6 +97,11 @@ class ArtifactFiles:
     def weights_name(self) -> str:
         """The tensor file's name (see `weights_name`)."""
         return next(iter(self.meta["files"]))
+
+    @property
+    def commit_message(self) -> str:
+        """What a push says by default."""
+        return f"Upload popup_adapter mask (k={self.meta['config']['k']})"
 
     def contents(self) -> dict[str, bytes]:
         """Every file by name.
@@ -69,25 +115,71 @@ class ArtifactFiles:
             CARD_NAME: self.card.encode(),
         }
 
-    def write(self, save_directory: str | os.PathLike) -> Path:
-        """Write the artifact into ``save_directory``, all or nothing (see the module
-        docstring), replacing the artifact saved there before.
 
-        Args:
-            save_directory: the folder (created if needed).
+@dataclass
+class CollectionFiles(CommittedFiles):
+    """Several artifacts over one base, encoded as a collection in memory: one tensor file per
+    mask, and one manifest (``popup_collection.json``) holding the base's spec, fingerprint and
+    structure once and every member's config; one card lists them."""
+
+    commit_name = COLLECTION_NAME
+
+    members: dict[str, ArtifactFiles]
+    manifest: dict[str, Any]
+    manifest_json: bytes
+    card: str
+
+    @property
+    def commit_message(self) -> str:
+        """What a push says by default."""
+        return f"Upload popup_adapter collection ({len(self.members)} masks)"
+
+    def contents(self) -> dict[str, bytes]:
+        """Every file by name.
 
         Returns:
-            The folder.
+            ``{file name: bytes}`` of the tensor files, the manifest and the card.
         """
-        folder = Path(save_directory)
-        commit_files(
-            folder,
-            data={self.weights_name: self.blob},
-            commit=(CONFIG_NAME, self.config_json),
-            after={CARD_NAME: self.card.encode()},
-            owned=is_artifact_file,
-        )
-        return folder
+        tensors = {files.weights_name: files.blob for files in self.members.values()}
+        return {**tensors, COLLECTION_NAME: self.manifest_json, CARD_NAME: self.card.encode()}
+
+
+def encode_collection(members: dict[str, ArtifactFiles]) -> CollectionFiles:
+    """Encode several adapters' artifacts over one base as one collection.
+
+    Args:
+        members: each adapter's encoded artifact, by the name it is stored under.
+
+    Returns:
+        The `CollectionFiles`.
+
+    Raises:
+        ArtifactError: no members, or members over different bases (spec, fingerprint or
+            structure).
+    """
+    if not members:
+        raise ArtifactError("a collection needs at least one adapter")
+    (first, reference), *rest = members.items()
+    shared = {key: reference.meta[key] for key in SHARED_FIELDS}
+    for name, files in rest:
+        differs = [key for key in SHARED_FIELDS if files.meta[key] != shared[key]]
+        if differs:
+            raise ArtifactError(
+                f"adapter {name!r} has another {differs[0]} than {first!r}: a collection "
+                "holds masks over one base; save them as separate artifacts"
+            )
+    manifest = {
+        "format_version": COLLECTION_FORMAT_VERSION,
+        "library": "popup_adapter",
+        "library_version": __version__,
+        **shared,
+        "adapters": {
+            name: {k: v for k, v in files.meta.items() if k not in SHARED_FIELDS}
+            for name, files in members.items()
+        },
+    }
+    manifest_json = (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
+    return CollectionFiles(members, manifest, manifest_json, collection_card(manifest))
 
 
 @dataclass

@@ -34,19 +34,31 @@ CONFIG_NAME = "popup_config.json"
 CARD_NAME = "README.md"
 #: the files of an artifact, as Hub download patterns
 ARTIFACT_PATTERNS = (CONFIG_NAME, CARD_NAME, "popup_model*.safetensors")
+#: a collection's manifest: several masks over one base, one tensor file each
+COLLECTION_NAME = "popup_collection.json"
+#: the manifest's format (each member inside it is an artifact of its own format version)
+COLLECTION_FORMAT_VERSION = 1
+#: the manifest formats this version reads
+READABLE_COLLECTION_FORMATS = (1,)
+#: what every member of a collection shares, stored once in its manifest
+SHARED_FIELDS = ("base", "base_fingerprint", "structure")
+#: an adapter's name as a collection stores it (a PyTorch module name part, no dots)
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}")
 
 
 def is_artifact_file(name: str) -> bool:
-    """Whether a file name in a folder belongs to the artifact saved there (an earlier save's
-    tensor file is removed by the next save).
+    """Whether a file name in a folder belongs to what is saved there, an artifact or a
+    collection (an earlier save's tensor files, and the other kind's commit file, are removed
+    by the next save: a folder holds one or the other).
 
     Args:
         name: a file name (no folder).
 
     Returns:
-        True for ``popup_config.json``, ``README.md`` and a tensor file of any format.
+        True for ``popup_config.json``, ``popup_collection.json``, ``README.md`` and a
+        tensor file of any format.
     """
-    return name in (CONFIG_NAME, CARD_NAME) or is_weights_name(name)
+    return name in (CONFIG_NAME, COLLECTION_NAME, CARD_NAME) or is_weights_name(name)
 
 
 #: the largest ``popup_config.json`` read (a large transformers config with its structure is a
@@ -210,6 +222,51 @@ def validate_meta(meta: Any, where: object) -> PopupConfig:
     if not isinstance(meta.get("dataset"), (str, type(None))):
         raise ArtifactError(f"{where}: field 'dataset' must be a string or null; {_CORRUPTED}")
     return config
+
+
+def validate_collection(manifest: Any, where: object) -> dict[str, tuple[dict, PopupConfig]]:
+    """Check a parsed ``popup_collection.json``: its format, and every member as a
+    ``popup_config.json`` is checked (`validate_meta`), with the shared base put back in.
+
+    Args:
+        manifest: the parsed file.
+        where: the file, named in errors.
+
+    Returns:
+        ``{adapter name: (its artifact config, its PopupConfig)}``, in the manifest's order.
+
+    Raises:
+        ArtifactError: an unknown format, no adapters, a bad adapter name, a member that
+            repeats a shared field, or any member field `validate_meta` refuses.
+    """
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{where} must hold a JSON object; {_CORRUPTED}")
+    version = _field(manifest, "format_version", int, where, "format_version")
+    if version not in READABLE_COLLECTION_FORMATS:
+        raise ArtifactError(
+            f"{where} has collection format version {version}; this popup_adapter reads "
+            f"versions {list(READABLE_COLLECTION_FORMATS)}. Upgrade popup_adapter."
+        )
+    adapters = _field(manifest, "adapters", dict, where, "adapters")
+    if not adapters:
+        raise ArtifactError(f"{where}: field 'adapters' is empty: the collection holds no mask")
+    shared = {key: manifest[key] for key in SHARED_FIELDS if key in manifest}
+    members = {}
+    for name, member in adapters.items():
+        if not _ADAPTER_NAME.fullmatch(name) or name == "__base__":
+            raise ArtifactError(
+                f"{where}: adapter name {name[:80]!r} is not one a model can hold (letters, "
+                f"digits, '_' and '-', at most 64, not '__base__'); {_CORRUPTED}"
+            )
+        repeated = [key for key in SHARED_FIELDS if isinstance(member, dict) and key in member]
+        if not isinstance(member, dict) or repeated:
+            raise ArtifactError(
+                f"{where}: adapter {name!r} must be an artifact config without the shared "
+                f"fields {list(SHARED_FIELDS)}; {_CORRUPTED}"
+            )
+        meta = {**member, **shared}
+        members[name] = meta, validate_meta(meta, f"{where} (adapter {name!r})")
+    return members
 
 
 def _is_structure_entry(entry: Any) -> bool:

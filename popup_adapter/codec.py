@@ -82,6 +82,21 @@ def unpack_bits(payload: np.ndarray, numel: int) -> np.ndarray:
     return np.unpackbits(payload, count=numel, bitorder="little").astype(bool)
 
 
+def unpack_bits_tensor(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """`pack_bits`' input back from a uint8 tensor, on the tensor's device (a served mask,
+    unpacked for each forward where it lives: no trip through the host).
+
+    Args:
+        packed: the uint8 bytes, flat.
+        numel: how many bits they hold.
+
+    Returns:
+        A flat bool tensor of ``numel`` entries.
+    """
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).view(-1)[:numel].bool()
+
+
 def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
     """A boolean mask in as few bytes as possible.
 

@@ -24,50 +24,46 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .artifact import Artifact, read_artifact
-from .artifact_files import ArtifactFiles
-from .artifact_schema import ARTIFACT_PATTERNS, CONFIG_NAME, is_artifact_file
+from .artifact import Artifact, collection_files, is_collection, read_artifact, read_collection
+from .artifact_files import ArtifactFiles, CollectionFiles
+from .artifact_schema import (
+    ARTIFACT_PATTERNS,
+    CARD_NAME,
+    COLLECTION_NAME,
+    CONFIG_NAME,
+    is_artifact_file,
+)
 from .errors import ArtifactError
 
 
-def artifact_folder(
-    path_or_repo_id: str | os.PathLike,
-    revision: str | None = None,
+def _is_local(path_or_repo_id: str | os.PathLike, revision: str | None) -> bool:
+    if not Path(path_or_repo_id).is_dir():
+        return False
+    if revision is not None:
+        raise ArtifactError(
+            f"revision={revision!r} applies to Hub repos, but {path_or_repo_id} is a local folder"
+        )
+    return True
+
+
+def _snapshot(
+    repo_id: str,
+    revision: str | None,
+    patterns: list[str],
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ) -> Path:
-    """A local folder holding the artifact.
-
-    Args:
-        path_or_repo_id: a directory (used as it is) or a Hub repo id.
-        revision: a branch, tag or commit of the Hub repo.
-        token: a Hub token.
-        cache_dir: the Hub cache (default huggingface_hub's).
-        local_files_only: use the cache alone (as ``HF_HUB_OFFLINE=1`` does).
-
-    Returns:
-        The folder: ``path_or_repo_id`` itself, or a snapshot of the repo at ``revision``.
-
-    Raises:
-        ArtifactError: no such repo, revision or cached copy, a folder with ``revision``, or a
-            folder without ``popup_config.json``.
+    """The files of ``repo_id`` at ``revision`` that match ``patterns``, in the Hub cache
+    (the folder is named by the commit: a second call at that commit reads the same version).
     """
-    if Path(path_or_repo_id).is_dir():
-        if revision is not None:
-            raise ArtifactError(
-                f"revision={revision!r} applies to Hub repos, but "
-                f"{path_or_repo_id} is a local folder"
-            )
-        return Path(path_or_repo_id)
-    repo_id = str(path_or_repo_id)
     at = f"{repo_id}@{revision or 'main'}"
     try:
-        folder = Path(
+        return Path(
             snapshot_download(
                 repo_id,
                 revision=revision,
-                allow_patterns=list(ARTIFACT_PATTERNS),
+                allow_patterns=patterns,
                 token=token,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
@@ -93,7 +89,45 @@ def artifact_folder(
         raise ArtifactError(
             f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({error})"
         ) from error
-    if not (folder / CONFIG_NAME).is_file():
+
+
+def artifact_folder(
+    path_or_repo_id: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local folder holding the artifact.
+
+    Args:
+        path_or_repo_id: a directory (used as it is) or a Hub repo id.
+        revision: a branch, tag or commit of the Hub repo.
+        token: a Hub token.
+        cache_dir: the Hub cache (default huggingface_hub's).
+        local_files_only: use the cache alone (as ``HF_HUB_OFFLINE=1`` does).
+
+    Returns:
+        The folder: ``path_or_repo_id`` itself, or a snapshot of the repo at ``revision``.
+
+    Raises:
+        ArtifactError: no such repo, revision or cached copy, a folder with ``revision``, or a
+            folder without ``popup_config.json`` (a collection's is named).
+    """
+    local = _is_local(path_or_repo_id, revision)
+    if local:
+        folder, at = Path(path_or_repo_id), str(path_or_repo_id)
+    else:
+        hub = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+        folder = _snapshot(str(path_or_repo_id), revision, list(ARTIFACT_PATTERNS), **hub)
+        at = f"{path_or_repo_id}@{revision or 'main'}"
+    if not (folder / CONFIG_NAME).is_file() and is_collection(folder):
+        raise ArtifactError(
+            f"{at} is a collection of masks, not one: load them with "
+            "PopupModel.from_pretrained(path, adapters=[...]), or one with "
+            "model.load_adapter(path, name)"
+        )
+    if not (folder / CONFIG_NAME).is_file() and not local:  # a folder: read_artifact says
         raise ArtifactError(f"{at} has no {CONFIG_NAME}: it is not a popup_adapter artifact")
     return folder
 
@@ -117,25 +151,71 @@ def open_artifact(
     return read_artifact(artifact_folder(path_or_repo_id, revision=revision, **hub_kwargs))
 
 
+def open_masks(
+    path_or_repo_id: str | os.PathLike,
+    revision: str | None = None,
+    adapters: list[str] | None = None,
+    any_artifact: bool = False,
+    **hub_kwargs: Any,
+) -> list[Artifact]:
+    """The masks a folder or Hub repo holds: its artifact, or the members of its collection
+    named by ``adapters`` (only their tensor files are downloaded and read).
+
+    Args:
+        path_or_repo_id: a folder, or a Hub repo id.
+        revision: a branch, tag or commit of the Hub repo.
+        adapters: a collection's members to open (default: all); a single artifact takes
+            none.
+        any_artifact: a single artifact is opened whatever ``adapters`` names
+            (``load_adapter``: a collection's member of that name, or the artifact).
+        **hub_kwargs: ``token``, ``cache_dir``, ``local_files_only`` for the download.
+
+    Returns:
+        The artifacts, each checked (a collection's members carry their names in
+        ``Artifact.member``).
+
+    Raises:
+        ArtifactError: missing or malformed files, an adapter the collection lacks, or
+            ``adapters`` for a single artifact.
+    """
+    if _is_local(path_or_repo_id, revision):
+        folder = Path(path_or_repo_id)
+    else:  # the small files first, then what they name, at the same commit
+        patterns = [CONFIG_NAME, COLLECTION_NAME, CARD_NAME]
+        folder = _snapshot(str(path_or_repo_id), revision, patterns, **hub_kwargs)
+        if is_collection(folder):
+            files = collection_files(folder, adapters)
+            _snapshot(str(path_or_repo_id), folder.name, files, **hub_kwargs)
+    if is_collection(folder):
+        return list(read_collection(folder, adapters).values())
+    if adapters is not None and not any_artifact:
+        raise ArtifactError(
+            f"{path_or_repo_id} holds one mask, not a collection: load it without adapters="
+        )
+    return [open_artifact(path_or_repo_id, revision, **hub_kwargs)]
+
+
 def push_artifact_files(
-    files: ArtifactFiles,
+    files: ArtifactFiles | CollectionFiles,
     repo_id: str,
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
 ) -> CommitInfo:
-    """Upload an artifact's files (see ``PopupModel.artifact_files``) as one commit, creating
-    the repo and the branch if needed: what ``push_to_hub`` and a training loop's main process
-    (after every process gathered the masks) do. The commit also deletes the repo's earlier
-    tensor file, so the revision holds one artifact, whole, before and after.
+    """Upload an artifact's or a collection's files (see ``PopupModel.artifact_files``) as one
+    commit, creating the repo and the branch if needed: what ``push_to_hub`` and a training
+    loop's main process (after every process gathered the masks) do. The commit also deletes
+    the repo's earlier tensor files (and the other kind's commit file), so the revision holds
+    one artifact or collection, whole, before and after.
 
     Args:
-        files: the encoded artifact.
+        files: the encoded artifact or collection.
         repo_id: the model repo.
         private: visibility of a newly created repo.
         revision: the branch (default ``main``).
-        commit_message: default ``"Upload popup_adapter mask (k=...)"``.
+        commit_message: default ``"Upload popup_adapter mask (k=...)"`` (a collection:
+            ``"... collection (n masks)"``).
         token: a Hub token (default: the logged-in one).
 
     Returns:
@@ -151,7 +231,6 @@ def push_artifact_files(
         for name in api.list_repo_files(repo_id, revision=revision)
         if is_artifact_file(name) and name not in contents
     ]
-    k = files.meta["config"]["k"]
     return api.create_commit(
         repo_id=repo_id,
         operations=[
@@ -159,5 +238,5 @@ def push_artifact_files(
             *(CommitOperationDelete(name) for name in stale),
         ],
         revision=revision,
-        commit_message=commit_message or f"Upload popup_adapter mask (k={k})",
+        commit_message=commit_message or files.commit_message,
     )

@@ -36,7 +36,8 @@ from .base import masked_fan_in
 from .budget import KeptBudget
 from .errors import AdapterError
 from .kernels import load_kernels, use_kernels
-from .layer_adapters import AdapterMasksMixin
+from .layer_adapters import AdapterMasksMixin, PackedMasks
+from .routing import BASE_ADAPTER, Route, Superposition
 from .selection import SelectionState, masked_weight, masked_weight_recipe, saved_as_recipe
 
 #: torch's process-wide module hooks: when any is set, layers are called, never bypassed
@@ -88,10 +89,12 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
         self.popup_budget: dict[str, KeptBudget] = {}
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        #: the adapter of each sample, during a mixed-batch forward (`popup_adapter.routing`)
+        self.popup_route: Route | Superposition | None = None
+        #: the served adapters' masks, and the merged one's, 1 bit per weight
+        self.popup_masks = PackedMasks()
         #: the adapter whose ``W * M`` the layer holds since `merge` (PEFT's ``merged``)
         self.merged_adapter: str | None = None
-        #: that adapter's mask, bit-packed (`popup_adapter.codec.pack_bits`, CPU)
-        self.packed_mask = None
         #: ``W * M`` when it could not be written over W (a shared or irreplaceable base)
         self.merged_weight: torch.Tensor | None = None
         #: the fused CPU kernels setting when this layer was built (see popup_adapter.kernels)
@@ -152,24 +155,38 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
 
         Returns:
             A tensor shaped as the base weight (differentiable with respect to the active scores).
-        """
-        return self._effective_weight(single_use=False)
 
-    def _effective_weight(self, single_use: bool) -> torch.Tensor:
-        return self._weight_and_recipe(single_use)[0]
+        Raises:
+            AdapterError: during a mixed-batch forward, where the weight depends on the sample
+                (model code reading it from outside the layer cannot be routed).
+        """
+        if self.popup_route is not None:
+            raise AdapterError(
+                f"{self.popup_route.module}'s {self.parameter_name} is read from outside the "
+                "layer, which a mixed batch (adapter_names) cannot route per sample; run each "
+                "adapter's samples as their own batch after set_adapter()"
+            )
+        return self._weight_and_recipe(self._computing_adapter(), single_use=False)[0]
+
+    def _computing_adapter(self) -> str | None:
+        """The adapter the forward computes with: None for the plain base."""
+        return None if self.disable_adapters else self.active_adapter
 
     def _weight_and_recipe(
-        self, single_use: bool
+        self, adapter: str | None, single_use: bool
     ) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
-        """The weight the forward uses, and how to write it again in the backward instead of
-        keeping it (`masked_weight_recipe`; None where it is kept)."""
-        adapter, weight = self.active_adapter, self.base_weight
-        if self.disable_adapters or adapter is None:
+        """The weight ``adapter`` computes with, and how to write it again in the backward
+        instead of keeping it (`masked_weight_recipe`; None where it is kept)."""
+        weight = self.base_weight
+        if adapter is None or adapter == BASE_ADAPTER:
             self._check_unmasked_base()
             return weight, None
         if adapter == self.merged_adapter:
             self._check_not_training()
             return (weight if self.merged_weight is None else self.merged_weight), None
+        self._refuse_while_merged(f"compute with adapter {adapter!r}")
+        if self.is_served(adapter):  # its mask as held: nothing to select or train
+            return self.masked_value(weight, self.get_mask(adapter), adapter), None
         scores, kept = self.popup_scores[adapter], self._current_kept(adapter)
         states, binary = self.popup_selection[adapter], self.popup_binary[adapter]
         single_use = single_use and not self.per_expert
@@ -212,7 +229,8 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The base layer's computation with the active adapter's ``W * M``.
+        """The base layer's computation with the active adapter's ``W * M`` (each sample's
+        adapter's, in a mixed batch).
 
         Args:
             *args: the base layer's own inputs.
@@ -221,24 +239,50 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
         Returns:
             What the base layer returns.
         """
-        if self.disable_adapters or self.active_adapter is None:
+        if isinstance(self.popup_route, Superposition):
+            return self._forward_superposed(self.popup_route, args, kwargs)
+        if self.popup_route is not None:
+            return self.popup_route(args, kwargs, self._forward_as)
+        return self._forward_as(self._computing_adapter(), args, kwargs)
+
+    def _forward_as(self, adapter: str | None, args: tuple, kwargs: dict) -> Any:
+        """The forward with ``adapter``'s weight (None or `BASE_ADAPTER`: the plain base)."""
+        adapter = None if adapter == BASE_ADAPTER else adapter
+        if adapter is None:
             self._check_unmasked_base()
             return self.base_layer(*args, **kwargs)
-        if self.merged_adapter is not None and self.merged_weight is None:
+        if adapter == self.merged_adapter and self.merged_weight is None:
             self._check_not_training()
             return self.base_layer(*args, **kwargs)  # W * M is the weight: the plain forward
-        # W * M is not kept for the backward where it can be written again there
-        if self._computes_itself(args, kwargs):
-            # W * M feeds exactly one operation here: its gradient buffer may be reused in place
-            weight, recipe = self._weight_and_recipe(single_use=True)
-            with saved_as_recipe(weight, recipe):
-                return self.forward_with_weight(args[0], weight)
-        path, module = [self.parameter_name], self.base_layer
-        while isinstance(module, PopupLayer):  # nested wrappers: swap in the owner's tensor
-            path.insert(0, "base_layer")
-            module = module.base_layer
-        weight, recipe = self._weight_and_recipe(single_use=False)
+        # W * M feeds exactly one operation when computed here: its gradient buffer may be
+        # reused in place
+        single_use = self._computes_itself(args, kwargs)
+        return self._forward_with(*self._weight_and_recipe(adapter, single_use), args, kwargs)
+
+    def _forward_superposed(self, mixture: Superposition, args: tuple, kwargs: dict) -> Any:
+        """The forward with SupSup's superposed weight ``W * sum_i alpha_i M_i``, differentiable
+        in the mixing weights alone (the masks are taken as they are)."""
+        with torch.no_grad():
+            masked = [self._weight_and_recipe(a, False)[0].detach() for a in mixture.adapters]
+        weight = sum(alpha * value for alpha, value in zip(mixture.alphas, masked, strict=True))
+        return self._forward_with(weight, None, args, kwargs)
+
+    def _forward_with(
+        self,
+        weight: torch.Tensor,
+        recipe: Callable[[], torch.Tensor] | None,
+        args: tuple,
+        kwargs: dict,
+    ) -> Any:
+        """The base layer's computation with ``weight`` as its masked parameter; W * M is not
+        kept for the backward where ``recipe`` writes it again there."""
         with saved_as_recipe(weight, recipe):
+            if self._computes_itself(args, kwargs):
+                return self.forward_with_weight(args[0], weight)
+            path, module = [self.parameter_name], self.base_layer
+            while isinstance(module, PopupLayer):  # nested wrappers: swap in the owner's tensor
+                path.insert(0, "base_layer")
+                module = module.base_layer
             return functional_call(
                 self.base_layer, {".".join(path): weight}, args, kwargs, strict=False
             )

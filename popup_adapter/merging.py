@@ -1,12 +1,12 @@
 """Serving a mask at the plain model's speed and memory: the active adapter merged in place,
 and back (PEFT's ``merge_adapter`` / ``unmerge_adapter``).
 
-A masked layer normally selects its mask and writes ``W * M`` on every forward, and holds a
-float score per weight beside W: about 2x the plain model's memory, and a pass over the
-weights per layer call. Merged, the layer holds ``W * M`` as its weight and runs the plain
-layer's forward; the mask is kept bit-packed (1 bit per weight), and the scores are dropped
-when the mask alone gives them back (a loaded mask's scores are ``mask / sqrt(fan_in)``), so
-a mask loaded for inference costs what the merged model costs.
+A masked layer normally writes ``W * M`` on every forward (selecting the mask from its
+scores, or unpacking a served adapter's bits): a pass over the weights per layer call.
+Merged, the layer holds ``W * M`` as its weight and runs the plain layer's forward; the mask
+is kept bit-packed (1 bit per weight), and the scores are dropped when the mask alone gives
+them back (a loaded mask's scores are ``mask / sqrt(fan_in)``), so a mask loaded for
+inference costs what the merged model costs.
 
 Writing ``W * M`` over W loses the pruned weights. It is done only where the seed gives them
 back exactly (the base's point: `popup_adapter.base.layer_weight` regenerates them, and
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .base import is_drawn, layer_weight
-from .codec import pack_bits
 from .errors import AdapterError, BaseMismatchError
 from .injection import replace_wrappers, tied_parameter_ids, wrapped_module
 from .layers import PopupLayer
@@ -31,15 +30,14 @@ from .sharding import whole_tensor
 
 def merge_layer(layer: PopupLayer, in_place: bool, loaded_mask: torch.Tensor | None = None) -> None:
     """Make the active adapter's ``W * M`` the layer's weight, its mask bit-packed; scores
-    that the mask alone restores (a loaded mask's) are dropped.
+    that the mask alone restores (a loaded mask's) are dropped, as a served adapter's.
 
     Args:
         layer: a layer with an active, unmerged adapter.
         in_place: write ``W * M`` over W (the pruned weights come back from the seed); False
             keeps W and holds ``W * M`` beside it.
-        loaded_mask: the adapter's mask as just loaded (checked by ``load_mask``): used as it
-            is, without a selection over the scores, which are dropped (the mask restores
-            them on unmerging).
+        loaded_mask: the adapter's mask as just loaded (checked by ``load_mask`` or
+            ``serve_mask``): used as it is, without unpacking it or selecting over scores.
 
     Raises:
         AdapterError: a sharded (FSDP) weight.
@@ -49,24 +47,25 @@ def merge_layer(layer: PopupLayer, in_place: bool, loaded_mask: torch.Tensor | N
         raise AdapterError("a sharded (FSDP) weight is not merged; gather the model first")
     with torch.no_grad():
         mask = layer.get_mask(adapter) if loaded_mask is None else loaded_mask.to(weight.device)
-        layer.packed_mask = pack_bits(mask.cpu().numpy().ravel())
+        if adapter not in layer.popup_masks:  # what the weight holds, bit-packed
+            layer.popup_masks.set(adapter, mask)
         if in_place and not layer.popup_binary[adapter]:
             weight.mul_(mask)  # W * M, without a second copy of the weight
         elif in_place:
             weight.copy_(layer.masked_value(weight, mask, adapter))
         else:
             layer.merged_weight = layer.masked_value(weight, mask, adapter)
-        scores = layer.popup_scores[adapter]
-        restores = loaded_mask is not None or torch.equal(
+        scores = layer.popup_scores.get(adapter)
+        if scores is not None and torch.equal(
             scores, layer.scores_for_mask(mask).to(scores.device, scores.dtype)
-        )
-        if restores:
-            del layer.popup_scores[adapter]
+        ):
+            del layer.popup_scores[adapter]  # the mask restores them: served from here
     layer.merged_adapter = adapter
 
 
 def unmerge_layer(layer: PopupLayer, base_value: torch.Tensor | None) -> None:
-    """Undo `merge_layer`: W back, and the scores (or their mask form) back.
+    """Undo `merge_layer`: W back; an adapter with scores selects from them again, a served
+    one keeps its packed mask.
 
     Args:
         layer: a merged layer.
@@ -86,10 +85,9 @@ def unmerge_layer(layer: PopupLayer, base_value: torch.Tensor | None) -> None:
                     "unmerging would change the model (was a base weight changed while merged?)"
                 )
             weight.copy_(base_value)
-        if adapter not in layer.popup_scores:
-            scores = layer.scores_for_mask(mask).to(weight.device)
-            layer.popup_scores[adapter] = nn.Parameter(scores, adapter == layer.active_adapter)
-    layer.merged_adapter, layer.packed_mask, layer.merged_weight = None, None, None
+    if not layer.is_served(adapter):
+        layer.popup_masks.pop(adapter)  # its scores give the mask again
+    layer.merged_adapter, layer.merged_weight = None, None
 
 
 def merged_module(layer: PopupLayer, adapter_name: str) -> nn.Module:

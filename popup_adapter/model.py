@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from .targets import (
     resolve_targets,
     warn_unmasked,
 )
+from .task_inference import AdapterInference, infer_adapter
 
 
 def get_popup_model(
@@ -177,17 +178,67 @@ class PopupModel(MultiAdapterMixin, MergeMixin, PretrainedMixin, nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward, with every masked layer using ``W * M``.
 
         Args:
             *args: the wrapped model's own inputs.
+            adapter_names: one adapter per sample, for a mixed batch (inference only; see
+                [`mixed_batch`][popup_adapter.PopupModel.mixed_batch]); default: the active
+                adapter for every sample.
             **kwargs: the wrapped model's own inputs.
 
         Returns:
             What the wrapped model returns.
         """
-        return self.base_model(*args, **kwargs)
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(
+        self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
+        """The wrapped model's ``generate`` (transformers), each sequence through its own
+        adapter with ``adapter_names`` (one per sequence; beams and sampled copies multiply the
+        batch, so a mixed batch takes ``num_beams=1``, ``num_return_sequences=1``).
+
+        Args:
+            *args: ``generate``'s own inputs.
+            adapter_names: one adapter per sequence, as in
+                [`forward`][popup_adapter.PopupModel.forward].
+            **kwargs: ``generate``'s own inputs.
+
+        Returns:
+            What ``generate`` returns.
+        """
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
+
+    def infer_adapter(
+        self, x: Any, candidates: Sequence[str] | None = None, rule: str = "one_shot"
+    ) -> AdapterInference:
+        """The adapter an unlabelled batch most likely belongs to, by SupSup's rules
+        (`popup_adapter.task_inference`): ``"one_shot"`` (the output entropy's gradient with
+        respect to the superposed masks' mixing weights: 1 forward + 1 backward pass),
+        ``"binary"`` (its halving refinement: ``ceil(log2 n)`` of those) or ``"entropy"``
+        (each candidate run alone, the lowest entropy: ``n`` forward passes).
+
+        Args:
+            x: the batch, as the model takes it (a tensor, or a mapping of keyword inputs).
+            candidates: the adapters to choose from (default: all).
+            rule: ``"one_shot"``, ``"binary"`` or ``"entropy"``.
+
+        Returns:
+            The `AdapterInference`: the adapter, a confidence, every candidate's score and
+            the passes run.
+
+        Raises:
+            AdapterError: an unknown rule or candidate, or training mode.
+        """
+        return infer_adapter(self, x, candidates, rule)
 
     # -- inspection
     def popup_layers(self) -> Iterator[tuple[str, PopupLayer]]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,9 @@ from .injection import (
     is_wrapper,
     unwrapped_view,
 )
+from .layers import PopupLayer
 from .redraws import REDRAWS, add_redraw_counts, redraw_pruned, seed_weight_values
+from .routing import BASE_ADAPTER, Route, SampleRouting, Superposition, routed_tensors
 from .seeding import score_values
 from .targets import MaskTarget, resolve_targets
 
@@ -126,7 +129,8 @@ class MultiAdapterMixin:
 
     def set_trainable(self, is_trainable: bool, adapter_name: str | None = None) -> None:
         """Freeze or unfreeze an adapter's trainable tensors (scores, ``modules_to_save``
-        copies, trained norms); freezing also puts the model in eval mode.
+        copies, trained norms); freezing also puts the model in eval mode. A served adapter
+        (its mask bit-packed) gets the scores a loaded mask trains from.
 
         Args:
             is_trainable: True to train, False for inference.
@@ -135,6 +139,10 @@ class MultiAdapterMixin:
         adapter_name = adapter_name or self.active_adapter
         if is_trainable:
             self.unmerge_adapter()
+            with torch.no_grad():
+                for _, layer in self._masked_layers():
+                    if layer.is_served(adapter_name):
+                        layer.load_mask(adapter_name, layer.get_mask(adapter_name))
         if adapter_name == self.active_adapter:
             for key, value in self.named_parameters():
                 if adapter_parameter_owner(key) == adapter_name:
@@ -249,6 +257,169 @@ class MultiAdapterMixin:
             self.set_adapter(successor)
         else:
             self._bank.remove(adapter_name)
+
+    def serve_adapter(self, adapter_name: str | None = None) -> None:
+        """Hold an adapter's masks bit-packed and drop its scores: 1 bit per masked weight
+        instead of a float score, for an adapter done training that stays on the backbone
+        (a finished task). It computes exactly what it computed; training it again
+        (``set_trainable(True, name)``) starts from its mask's loaded scores, not the trained
+        ones, so save it first if those matter.
+
+        Args:
+            adapter_name: whose (default: the active adapter).
+
+        Raises:
+            AdapterError: no such adapter, or it is mid-ramp (its mask is not final).
+        """
+        adapter_name = adapter_name or self.active_adapter
+        self._check_adapter(adapter_name)
+        self._check_final(adapter_name)
+        with torch.no_grad():
+            for _, layer in self._masked_layers():
+                if not layer.is_served(adapter_name):
+                    layer.serve_mask(adapter_name, layer.get_mask(adapter_name))
+
+    def adapter_nbytes(self, adapter_name: str | None = None) -> int:
+        """The memory an adapter holds of its own: its scores (float, while it trains) or
+        packed masks (served, or merged), its ``modules_to_save`` copies, BatchNorm
+        statistics and trained norms. The shared backbone is not counted.
+
+        Args:
+            adapter_name: whose (default: the active adapter).
+
+        Returns:
+            Bytes.
+        """
+        adapter_name = adapter_name or self.active_adapter
+        total = sum(t.nbytes for t in self.trained_state(adapter_name).values())
+        for _, layer in self._masked_layers():
+            scores = layer.popup_scores.get(adapter_name)
+            total += layer.popup_masks.nbytes(adapter_name)
+            total += 0 if scores is None else scores.numel() * scores.element_size()
+        return total
+
+    def _check_final(self, adapter_name: str) -> None:
+        budget = self._budgets.get(adapter_name)
+        if budget is not None and budget.density != budget.k:
+            raise AdapterError(
+                f"adapter {adapter_name!r} is mid-ramp (step {budget.step}, keeping "
+                f"{budget.density:.3f} rather than k={budget.k}); its final mask comes at the "
+                "ramp's end: train past ramp_steps, or call model.update_search(None) to end it"
+            )
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        """Inside this block, the forward runs sample ``i`` of each batch through adapter
+        ``adapter_names[i]``: its mask, BatchNorm statistics, trained norms and
+        ``modules_to_save`` (``"__base__"``: the backbone as ``disable_adapter()`` runs it).
+
+        Each adapter's samples go through every masked layer as one group, so the outputs are
+        exactly what each group gives alone after ``set_adapter``, at one ``W * M`` per
+        adapter and layer. ``model(x, adapter_names=...)`` and ``generate`` use it; so can any
+        call that reaches the model's forward (a pipeline's). Inference only, as in PEFT.
+
+        Args:
+            adapter_names: one adapter name per sample.
+
+        Yields:
+            Nothing; the active adapter computes alone again after the block.
+
+        Raises:
+            AdapterError: training mode, an unknown name, or an expert bank (its inputs are
+                tokens, not samples); inside the block, a module whose input is not one row
+                per sample, or whose weight is read from outside it.
+        """
+        self._check_routable(adapter_names, "adapter_names")
+        routing = SampleRouting(adapter_names)
+        with self._routed(lambda name: Route(routing, name), [a for a, _ in routing.groups]):
+            yield
+
+    @contextlib.contextmanager
+    def superposed(self, adapters: Sequence[str], alphas: torch.Tensor) -> Iterator[None]:
+        """Inside this block, the forward runs every sample through SupSup's superposition of
+        ``adapters``: each masked layer with ``W * sum_i alphas[i] M_i``, each module that
+        holds something per adapter (BatchNorm statistics, norms, ``modules_to_save``) as
+        ``sum_i alphas[i] f_i(x)``. Differentiable in ``alphas``: task inference
+        (`popup_adapter.task_inference`) reads the output entropy's gradient there.
+
+        Args:
+            adapters: the adapters to superpose.
+            alphas: one mixing weight per adapter (a tensor that may require grad).
+
+        Yields:
+            Nothing; the active adapter computes alone again after the block.
+
+        Raises:
+            AdapterError: training mode, an unknown adapter, an expert bank, or not one
+                weight per adapter.
+        """
+        if alphas.shape != (len(adapters),):
+            raise AdapterError(
+                f"alphas of shape {tuple(alphas.shape)} for {len(adapters)} adapters; give "
+                "one mixing weight per adapter"
+            )
+        self._check_routable(adapters, "a superposition")
+        adapters = tuple(adapters)
+        with self._routed(lambda name: Superposition(adapters, alphas, name), adapters):
+            yield
+
+    def _check_routable(self, adapter_names: Sequence[str], what: str) -> None:
+        if self.training:
+            raise AdapterError(
+                f"{what} is for inference (as in PEFT): call model.eval() first; train "
+                "each adapter on its own batches after set_adapter()"
+            )
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
+        if unknown:
+            raise AdapterError(
+                f"unknown adapter(s) {unknown} in {what}; this model has "
+                f"{sorted(self.peft_config)}, and {BASE_ADAPTER!r} runs the plain backbone"
+            )
+        if any(isinstance(layer.base_layer, PopupLayer) for _, layer in self._masked_layers()):
+            raise AdapterError(
+                f"{what} does not cover expert banks (their inputs are routed tokens, not "
+                "samples); run each adapter's samples after set_adapter()"
+            )
+
+    @contextlib.contextmanager
+    def _routed(self, route_for: Any, adapters: Sequence[str]) -> Iterator[None]:
+        """Every module that holds something per adapter takes ``route_for(its name)`` for
+        the block: the wrappers as their ``popup_route``, the modules holding the bank's
+        values (`routed_tensors`) through their forward."""
+        self.unmerge_adapter()  # every adapter's W * M is written from the base W
+        with contextlib.ExitStack() as stack:
+            for name, module in self.base_model.named_modules():
+                if is_wrapper(module):
+                    module.popup_route = route_for(base_name(name) or type(module).__name__)
+                    stack.callback(setattr, module, "popup_route", None)
+            for name, module, values in self._per_adapter_values(adapters):
+                stack.enter_context(routed_tensors(module, route_for(name), values))
+            yield
+
+    def _per_adapter_values(self, adapters: Sequence[str]) -> list[tuple[str, nn.Module, Any]]:
+        """For a routed batch: every module holding values of the `AdapterBank` (BatchNorm
+        statistics, trained norms), and the values each routed adapter computes with."""
+        stored = {
+            adapter: self._bank.state(adapter, active=False)
+            for adapter in adapters
+            if adapter not in (self.active_adapter, BASE_ADAPTER)
+        }
+        modules = dict(self._base_modules())
+        leaves: dict[str, list[str]] = {}
+        for key in self._shared_tensors():
+            prefix, leaf = key.rsplit(".", 1)
+            leaves.setdefault(prefix, []).append(leaf)
+
+        def values_of(prefix: str) -> Any:
+            def values(adapter: str) -> dict[str, torch.Tensor]:
+                state = stored.get(adapter)  # the active adapter and the base: the live ones
+                if state is None:
+                    return {}
+                return {leaf: state[f"{prefix}.{leaf}"] for leaf in leaves[prefix]}
+
+            return values
+
+        return [(prefix, modules[prefix], values_of(prefix)) for prefix in leaves]
 
     def update_search(self, step: int | None) -> None:
         """Tell the masks how far training is: ``step`` optimizer steps done. Moves the
@@ -378,6 +549,11 @@ class MultiAdapterMixin:
         return unwrapped_view(self.base_model)
 
     def _add_scores(self, adapter_name: str, config: PopupConfig, draw_scores: bool) -> None:
+        if adapter_name == BASE_ADAPTER:
+            raise AdapterError(
+                f"{BASE_ADAPTER!r} names the plain backbone in mixed batches "
+                "(adapter_names); give the adapter another name"
+            )
         layers = [layer for _, layer in self._masked_layers()]
         if config.selection == "global" and any(layer.per_expert for layer in layers):
             raise ConfigError(

