@@ -256,8 +256,9 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
             return self.base_layer(*args, **kwargs)  # W * M is the weight: the plain forward
         # W * M feeds exactly one operation when computed here: its gradient buffer may be
         # reused in place
-        single_use = self._computes_itself(args, kwargs)
-        return self._forward_with(*self._weight_and_recipe(adapter, single_use), args, kwargs)
+        direct = self._computes_itself(args, kwargs)
+        weight, recipe = self._weight_and_recipe(adapter, single_use=direct)
+        return self._forward_with(weight, recipe, args, kwargs, direct)
 
     def _forward_superposed(self, mixture: Superposition, args: tuple, kwargs: dict) -> Any:
         """The forward with SupSup's superposed weight ``W * sum_i alpha_i M_i``, differentiable
@@ -265,7 +266,7 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
         with torch.no_grad():
             masked = [self._weight_and_recipe(a, False)[0].detach() for a in mixture.adapters]
         weight = sum(alpha * value for alpha, value in zip(mixture.alphas, masked, strict=True))
-        return self._forward_with(weight, None, args, kwargs)
+        return self._forward_with(weight, None, args, kwargs, self._computes_itself(args, kwargs))
 
     def _forward_with(
         self,
@@ -273,11 +274,13 @@ class PopupLayer(AdapterMasksMixin, nn.Module):
         recipe: Callable[[], torch.Tensor] | None,
         args: tuple,
         kwargs: dict,
+        direct: bool,
     ) -> Any:
-        """The base layer's computation with ``weight`` as its masked parameter; W * M is not
-        kept for the backward where ``recipe`` writes it again there."""
+        """The base layer's computation with ``weight`` as its masked parameter (``direct``:
+        as `forward_with_weight`, see `_computes_itself`); W * M is not kept for the
+        backward where ``recipe`` writes it again there."""
         with saved_as_recipe(weight, recipe):
-            if self._computes_itself(args, kwargs):
+            if direct:
                 return self.forward_with_weight(args[0], weight)
             path, module = [self.parameter_name], self.base_layer
             while isinstance(module, PopupLayer):  # nested wrappers: swap in the owner's tensor
