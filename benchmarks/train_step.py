@@ -10,6 +10,10 @@ interleaved, round after round, in one process (medians and min-max spread):
 - ``dense``: the plain model, every weight trained (the floor: the same gradients are computed);
 - ``popup``: ``get_popup_model(model, k=0.5)``, only scores train, popup_adapter's selection
   (the fused CPU kernels when they are built);
+- ``packed``: the same popup model after ``pack_base()``: the base held as sign bits (one bit
+  per weight, the kernels expand ``+-c``);
+- ``lean``: ``packed`` with the scores' momentum in bfloat16 (`popup_adapter.optim.SGD`,
+  ``--pack-base --momentum-dtype bfloat16`` in the recipes);
 - ``kept``: the same popup step with ``W * M`` kept for the backward (autograd's default), as
   before it was written again there: what that saves in memory costs this in time;
 - ``eager``: the same popup model with each layer's ``use_kernels`` off (as
@@ -43,6 +47,7 @@ from _models import build, logits_of
 
 from popup_adapter import get_popup_model
 from popup_adapter import layers as popup_layers
+from popup_adapter.optim import SGD
 
 
 class ReferenceSortMask(torch.autograd.Function):
@@ -99,9 +104,12 @@ def kernels_off(model):
             layer.use_kernels = setting
 
 
-def make_step(model, make_batch, device="cpu", bf16=False):
+def make_step(model, make_batch, device="cpu", bf16=False, momentum_dtype="float32"):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    if momentum_dtype == "float32":
+        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    else:
+        optimizer = SGD(params, lr=0.01, momentum=0.9, state_dtype=momentum_dtype)
     inputs, labels = (t.to(device) for t in make_batch())
     autocast = (lambda: torch.autocast(device, torch.bfloat16)) if bf16 else nullcontext
 
@@ -118,10 +126,14 @@ def make_step(model, make_batch, device="cpu", bf16=False):
 def variants(name: str, device: str = "cpu", bf16: bool = False):
     dense, make_batch = build(name)
     popup = get_popup_model(build(name)[0], k=0.5)
+    packed = get_popup_model(build(name)[0], k=0.5).pack_base().to(device).train()
+    lean = get_popup_model(build(name)[0], k=0.5).pack_base().to(device).train()
     dense, popup = dense.to(device).train(), popup.to(device).train()
     return {
         "dense": (make_step(dense, make_batch, device, bf16), nullcontext),
         "popup": (make_step(popup, make_batch, device, bf16), nullcontext),
+        "packed": (make_step(packed, make_batch, device, bf16), nullcontext),
+        "lean": (make_step(lean, make_batch, device, bf16, "bfloat16"), nullcontext),
         "kept": (make_step(popup, make_batch, device, bf16), masked_weight_kept),
         "eager": (make_step(popup, make_batch, device, bf16), lambda: kernels_off(popup)),
         "sort": (make_step(popup, make_batch, device, bf16), reference_selection),
@@ -162,7 +174,10 @@ def memory_child(name: str, variant: str, device: str = "cpu", bf16: bool = Fals
     model, make_batch = build(name)
     if variant != "dense":
         model = get_popup_model(model, k=0.5)
-    step = make_step(model.to(device).train(), make_batch, device, bf16)
+    if variant in ("packed", "lean"):
+        model.pack_base()
+    momentum_dtype = "bfloat16" if variant == "lean" else "float32"
+    step = make_step(model.to(device).train(), make_batch, device, bf16, momentum_dtype)
     with masked_weight_kept() if variant == "kept" else nullcontext():
         for _ in range(3):
             step()
@@ -197,7 +212,7 @@ def main() -> None:
     for name in args.models.split(","):
         if args.memory:
             peaks = {}
-            for variant in ("dense", "popup", "kept"):
+            for variant in ("dense", "lean", "packed", "popup", "kept"):
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -217,10 +232,14 @@ def main() -> None:
                 ).stdout
                 peaks[variant] = json.loads(out.splitlines()[-1])["peak_minus_imports_mb"]
             print(
-                f"{name:<9} memory: dense {peaks['dense']:7.0f} MB, popup "
-                f"{peaks['popup']:7.0f} MB, W*M kept {peaks['kept']:7.0f} MB | popup/dense "
-                f"{peaks['popup'] / peaks['dense']:.2f}x, kept/dense "
-                f"{peaks['kept'] / peaks['dense']:.2f}x"
+                f"{name:<9} memory: "
+                + ", ".join(f"{key} {peak:5.0f} MB" for key, peak in peaks.items())
+                + " | "
+                + ", ".join(
+                    f"{key}/dense {peak / peaks['dense']:.2f}x"
+                    for key, peak in peaks.items()
+                    if key != "dense"
+                )
             )
             continue
         times = time_model(name, args.rounds, args.steps, args.device, args.bf16)
@@ -229,7 +248,9 @@ def main() -> None:
         print(
             f"{name:<9} "
             + ", ".join(f"{key} {med[key] * 1e3:.1f} ms ({spread[key]})" for key in med)
-            + f" | popup/dense {med['popup'] / med['dense']:.3f}x, popup/kept "
+            + f" | popup/dense {med['popup'] / med['dense']:.3f}x, packed/dense "
+            f"{med['packed'] / med['dense']:.3f}x, lean/dense {med['lean'] / med['dense']:.3f}x, "
+            f"packed/popup {med['packed'] / med['popup']:.3f}x, popup/kept "
             f"{med['popup'] / med['kept']:.3f}x, eager/dense "
             f"{med['eager'] / med['dense']:.3f}x, sort/popup {med['sort'] / med['popup']:.2f}x"
         )

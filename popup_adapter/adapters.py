@@ -11,7 +11,6 @@ changes or is deleted.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,46 +110,45 @@ def initial_batchnorm_stats(bn: nn.Module, prefix: str) -> dict[str, torch.Tenso
 
 
 class AdapterBank:
-    """Per adapter, its values of the tensors the backbone holds once.
+    """Per inactive adapter, its values of the tensors the backbone holds once.
 
-    ``live`` returns those tensors by their plain-model names (the modules' own buffers and
-    parameters, which the forward reads): they hold the active adapter's values. The bank holds
-    a copy for every other adapter. Swapping copies values in place, so optimizers and hooks
-    keep pointing at the same tensors.
+    The live tensors (the modules' own buffers and parameters, which the forward reads, by
+    their plain-model names) hold the active adapter's values; the caller passes them in, so
+    that the bank, which lives inside its model, holds no reference back to it (a model would
+    otherwise be a reference cycle, freed only by Python's cyclic collector). Swapping copies
+    values in place, so optimizers and hooks keep pointing at the same tensors.
     """
 
-    def __init__(self, live: Callable[[], dict[str, torch.Tensor]]) -> None:
-        """An empty bank over the tensors that ``live()`` returns (the active adapter's).
-
-        Args:
-            live: returns the live tensors by name (BatchNorm statistics, trained norms).
-        """
-        self._live = live
+    def __init__(self) -> None:
+        """An empty bank."""
         self._stored: dict[str, dict[str, torch.Tensor]] = {}
 
-    def add(self, adapter_name: str, initial: dict[str, torch.Tensor]) -> None:
+    def add(
+        self, adapter_name: str, initial: dict[str, torch.Tensor], live: dict[str, torch.Tensor]
+    ) -> None:
         """Give a new, inactive adapter its starting values (one for every live tensor).
 
         Args:
             adapter_name: the new adapter.
             initial: its starting value for every live tensor, by name.
+            live: the live tensors, by name.
 
         Raises:
             AdapterError: ``initial`` does not name exactly the live tensors.
         """
-        if set(initial) != set(self._live()):
+        if set(initial) != set(live):
             raise AdapterError(f"adapter {adapter_name!r} needs a value for every shared tensor")
         self._stored[adapter_name] = {k: v.detach().clone() for k, v in initial.items()}
 
-    def switch(self, previous: str | None, incoming: str) -> None:
+    def switch(self, previous: str | None, incoming: str, live: dict[str, torch.Tensor]) -> None:
         """Store the live values as ``previous``'s (None: discard them, the adapter was
         deleted) and put ``incoming``'s in their place.
 
         Args:
             previous: the adapter that was active, or None.
             incoming: the adapter that becomes active.
+            live: the live tensors, by name.
         """
-        live = self._live()
         if previous is not None:
             self._stored[previous] = {k: v.detach().clone() for k, v in live.items()}
         values = self._stored.pop(incoming)
@@ -166,18 +164,16 @@ class AdapterBank:
         """
         self._stored.pop(adapter_name, None)
 
-    def state(self, adapter_name: str, active: bool) -> dict[str, torch.Tensor]:
-        """``adapter_name``'s values by name: the live tensors when it is the active adapter,
-        else its stored ones. Copying into them sets that adapter's values.
+    def stored(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """An inactive adapter's values by name; copying into them sets that adapter's values.
 
         Args:
-            adapter_name: whose values.
-            active: whether it is the active adapter.
+            adapter_name: an inactive adapter.
 
         Returns:
-            ``{name: tensor}``, live or stored.
+            ``{name: tensor}``.
         """
-        return self._live() if active else dict(self._stored[adapter_name])
+        return dict(self._stored[adapter_name])
 
 
 def adapter_parameter_owner(name: str) -> str | None:

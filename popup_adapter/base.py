@@ -161,6 +161,7 @@ def seed_base(
     config: PopupConfig,
     masked: Iterable[str],
     reference: Callable[[], nn.Module] | None = None,
+    on_set: Callable[[str, torch.Tensor], None] | None = None,
 ) -> None:
     """Set every parameter of ``model`` from ``(config.seed, its name)`` and freeze the base.
 
@@ -186,6 +187,8 @@ def seed_base(
             most once, and only when needed. A constant scalar or vector keeps its value (a
             constructor argument such as ``ls_init_value``: the structure and fingerprint
             checks catch a rebuild without it).
+        on_set: called with ``(name, parameter)`` under each of its names once it is set
+            (a `popup_adapter.seeding.FingerprintAsSet` hashing beside the seeding).
     """
     masked = set(masked)
     fresh = _FreshValues(reference)
@@ -198,44 +201,86 @@ def seed_base(
             owners[id(param)].append((full, module, leaf))
             params[id(param)] = param
     with torch.no_grad():
-        for pid, users in owners.items():
-            param = params[pid]
-            param.requires_grad_(False)
-            unset = getattr(param, UNSET_ATTRIBUTE, False)
-            if unset:
-                delattr(param, UNSET_ATTRIBUTE)
-            name, module, leaf = min(users, key=lambda user: user[0])
-            if not is_drawn(config, name):
-                continue
-            layer_users = [
-                (full, mod)
-                for full, mod, lf in users
-                if full in masked or (lf == "weight" and is_weight_layer(mod))
-            ]
-            out = param if fills_in_place(param) else None  # drawn straight into the parameter
-            if layer_users:
-                layer_name, layer_module = min(layer_users, key=lambda user: user[0])
-                value = layer_weight(
-                    config, name, layer_module, param, layer_name in masked, out=out
-                )
-            elif is_norm_module(module):
-                value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
-            elif leaf == "bias":
-                value = torch.zeros(param.shape)
-            elif unset:  # no constructor value to keep: drawn like any non-constant tensor
-                value = normal_values(config.seed, name, param.shape, std, out=out)
-            elif _is_constant(param):  # what its constructor set (e.g. from ls_init_value)
-                continue
-            elif param.ndim <= 1 and (constant := fresh.constant(name, param)) is not None:
-                value = constant  # a trained layer scale goes back to its init
-            else:
-                value = normal_values(config.seed, name, param.shape, std, out=out)
-            if value is not param:
-                param.copy_(value.to(param.dtype))
+        # in name order, so that a fingerprint hashing beside the seeding finds them in turn
+        for pid, users in sorted(owners.items(), key=lambda item: min(u[0] for u in item[1])):
+            _seed_parameter(params[pid], users, config, masked, fresh, std)
+            if on_set is not None:
+                for full, _, _ in users:
+                    on_set(full, params[pid])
         if config.init != "keep":
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.reset_running_stats()
+
+
+def _seed_parameter(
+    param: nn.Parameter,
+    users: list[tuple[str, nn.Module, str]],
+    config: PopupConfig,
+    masked: set[str],
+    fresh: _FreshValues,
+    std: float,
+) -> None:
+    """`seed_base`'s rules for one parameter, ``users`` its ``(name, module, leaf)``s."""
+    param.requires_grad_(False)
+    unset = getattr(param, UNSET_ATTRIBUTE, False)
+    if unset:
+        delattr(param, UNSET_ATTRIBUTE)
+    name, module, leaf = min(users, key=lambda user: user[0])
+    if not is_drawn(config, name):
+        return
+    layer_users = [
+        (full, mod) for full, mod, lf in users if _is_layer_weight(full, mod, lf, masked)
+    ]
+    out = param if fills_in_place(param) else None  # drawn straight into the parameter
+    if layer_users:
+        layer_name, layer_module = min(layer_users, key=lambda user: user[0])
+        value = layer_weight(config, name, layer_module, param, layer_name in masked, out=out)
+    elif is_norm_module(module):
+        value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
+    elif leaf == "bias":
+        value = torch.zeros(param.shape)
+    elif unset:  # no constructor value to keep: drawn like any non-constant tensor
+        value = normal_values(config.seed, name, param.shape, std, out=out)
+    elif _is_constant(param):  # what its constructor set (e.g. from ls_init_value)
+        return
+    elif param.ndim <= 1 and (constant := fresh.constant(name, param)) is not None:
+        value = constant  # a trained layer scale goes back to its init
+    else:
+        value = normal_values(config.seed, name, param.shape, std, out=out)
+    if value is not param:
+        param.copy_(value.to(param.dtype))
+
+
+def _is_layer_weight(name: str, module: nn.Module, leaf: str, masked: set[str]) -> bool:
+    """Whether `seed_base` draws the tensor ``name`` (``module.leaf``) as a layer weight."""
+    return name in masked or (leaf == "weight" and is_weight_layer(module))
+
+
+def seeds_without_reading(model: nn.Module, masked: Iterable[str]) -> bool:
+    """Whether `seed_base` (a seeded init) sets every tensor of ``model`` by its rules alone,
+    never reading what the constructor put there: every parameter a layer weight, a bias or a
+    norm's, every buffer a BatchNorm statistic (reset). Then a model built on the meta device
+    only needs its memory (``to_empty``), not a second run of its constructor.
+
+    Args:
+        model: the plain model (any device: only names and module types are read).
+        masked: the masked parameters' names.
+
+    Returns:
+        True when no value of ``model`` reaches the seeded base.
+    """
+    masked = set(masked)
+    for module_name, module in model.named_modules():
+        batchnorm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if any(buffer is not None and not batchnorm for buffer in module._buffers.values()):
+            return False
+        for leaf, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{leaf}" if module_name else leaf
+            by_rule = _is_layer_weight(full, module, leaf, masked) or is_norm_module(module)
+            if not (by_rule or leaf == "bias"):
+                return False
+    return True
 
 
 def is_drawn(config: PopupConfig, name: str) -> bool:

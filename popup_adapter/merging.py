@@ -11,8 +11,9 @@ inference costs what the merged model costs.
 Writing ``W * M`` over W loses the pruned weights. It is done only where the seed gives them
 back exactly (the base's point: `popup_adapter.base.layer_weight` regenerates them, and
 unmerging checks the kept weights against the regenerated ones); a pretrained base's weight
-(``init="keep"``) or one shared with another module keeps W and holds ``W * M`` beside it.
-Nothing is lost either way: unmerging restores W, and the scores or their mask form.
+(``init="keep"``), one shared with another module, or one held as sign bits
+(`PopupModel.pack_base`) keeps W and holds ``W * M`` beside it. Nothing is lost either way:
+unmerging restores W, and the scores or their mask form.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .injection import replace_wrappers, tied_parameter_ids, wrapped_module
 from .layers import PopupLayer
 from .redraws import redraw_counts, write_redrawn
 from .sharding import whole_tensor
+from .sign_bits import SignBitWeight, unpack_parameter
 
 
 def merge_layer(layer: PopupLayer, in_place: bool, loaded_mask: torch.Tensor | None = None) -> None:
@@ -147,7 +149,11 @@ class MergeMixin:
         config, tied = self._backbone_config, tied_parameter_ids(self.base_model)
         loaded_masks = loaded_masks or {}
         for target, layer in self._masked_layers():
-            in_place = id(layer.base_weight) not in tied and is_drawn(config, target.parameter_path)
+            in_place = (
+                id(layer.base_weight) not in tied
+                and is_drawn(config, target.parameter_path)
+                and not isinstance(layer.base_weight, SignBitWeight)  # its bits: read-only
+            )
             merge_layer(layer, in_place, loaded_masks.get(target.key))
 
     def unmerge_adapter(self) -> None:
@@ -206,5 +212,7 @@ class MergeMixin:
             The dense base (this PopupModel's ``base_model``, unwrapped in place).
         """
         self.unmerge_adapter()
+        for _, layer in self._masked_layers():  # a plain model holds its floats
+            unpack_parameter(layer.owner, layer.parameter_name)
         replace_wrappers(self.base_model, wrapped_module)
         return self.base_model

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,13 +18,14 @@ from .base import seed_base
 from .budget import KeptBudget
 from .config import PopupConfig
 from .errors import AdapterError, AlreadyAdaptedError
-from .injection import base_name, inject_wrappers, is_wrapper
+from .injection import base_name, inject_wrappers, is_wrapper, tied_parameter_ids
 from .layers import PopupLayer
 from .merging import MergeMixin
 from .multi_adapter import MultiAdapterMixin
 from .pretrained import PretrainedMixin
 from .seeding import fingerprint
 from .sharding import whole_tensor
+from .sign_bits import pack_parameter, unpack_parameter
 from .specs import build_base, describe_base
 from .structure import describe_structure
 from .targets import (
@@ -97,6 +98,7 @@ class PopupModel(MultiAdapterMixin, MergeMixin, PretrainedMixin, nn.Module):
         draw_scores: bool = True,
         base_kwargs: dict[str, Any] | None = None,
         targets: list[MaskTarget] | None = None,
+        on_seeded: Callable[[str, torch.Tensor], None] | None = None,
     ):
         """``draw_scores=False`` leaves the scores at zero instead of drawing them from the seed,
         for a caller that sets them right away (loading a saved mask); ``targets`` masks exactly
@@ -112,6 +114,8 @@ class PopupModel(MultiAdapterMixin, MergeMixin, PretrainedMixin, nn.Module):
                 memory, until a mask is loaded).
             base_kwargs: timm constructor arguments to record.
             targets: the tensors to mask, instead of resolving ``config``'s selectors.
+            on_seeded: told each base parameter once the seed set it (`seed_base`'s
+                ``on_set``: a load fingerprints the base beside its seeding).
 
         Raises:
             AlreadyAdaptedError: ``model`` already carries popup layers.
@@ -140,7 +144,7 @@ class PopupModel(MultiAdapterMixin, MergeMixin, PretrainedMixin, nn.Module):
         self.peft_config: dict[str, PopupConfig] = {}
         self.active_adapter = adapter_name
         #: every inactive adapter's BatchNorm statistics (and trained norms)
-        self._bank = AdapterBank(self._shared_tensors)
+        self._bank = AdapterBank()
         #: the base's fingerprint while an adapter is merged into its weights (merge_adapter)
         self._merged_fingerprint: str | None = None
         #: per adapter with global top-k or a density ramp, its kept counts (popup_adapter.budget)
@@ -162,6 +166,7 @@ class PopupModel(MultiAdapterMixin, MergeMixin, PretrainedMixin, nn.Module):
             config,
             (target.parameter_path for target in self.targets),
             reference=(lambda: build_base(self.base_spec)) if rebuildable else None,
+            on_set=on_seeded,
         )
         inject_wrappers(model, self.targets, config.modules_to_save or [])
         self._add_scores(adapter_name, config, draw_scores)
@@ -239,6 +244,54 @@ class PopupModel(MultiAdapterMixin, MergeMixin, PretrainedMixin, nn.Module):
             AdapterError: an unknown rule or candidate, or training mode.
         """
         return infer_adapter(self, x, candidates, rule)
+
+    # -- how the base is held
+    def pack_base(self) -> PopupModel:
+        """Hold every masked base weight as one sign bit per weight and one constant per
+        layer (`popup_adapter.sign_bits`): 1/32 of its float32 memory, so that a search
+        holds less than dense training (scores, their gradient and the optimizer's state
+        against the weight, its gradient and that state). Outputs, gradients, masks,
+        ``state_dict`` (float weights), fingerprints and artifacts are unchanged, bit for
+        bit: the fused kernels read the bits, every other operation their floats. A weight
+        tied to another module keeps its floats.
+
+        Returns:
+            This model.
+
+        Raises:
+            AdapterError: the base is not ``init="signed_constant"`` (other inits are not one
+                magnitude per layer), IteRand redraws into it, an adapter is merged, or the
+                weights are sharded (FSDP).
+        """
+        config = self._backbone_config
+        if config.init != "signed_constant":
+            raise AdapterError(
+                f"pack_base holds a signed-constant base (+-c per layer) as sign bits; this "
+                f"base is init={config.init!r}, whose weights need their floats"
+            )
+        if any(c.redraw_every for c in self.peft_config.values()):
+            raise AdapterError("IteRand (redraw_every) writes into the base; it cannot be packed")
+        if self.merged:
+            raise AdapterError("an adapter is merged into the base; unmerge_adapter() first")
+        tied = tied_parameter_ids(self.base_model)
+        for _, layer in self._masked_layers():
+            weight = layer.base_weight
+            if whole_tensor(weight) is not weight:
+                raise AdapterError("a sharded (FSDP) base is not packed; pack before sharding")
+            if id(weight) not in tied:
+                pack_parameter(layer.owner, layer.parameter_name)
+        return self
+
+    def unpack_base(self) -> PopupModel:
+        """Undo [`pack_base`][popup_adapter.PopupModel.pack_base]: float weights again (for
+        code that writes into the base, or reads its storage directly).
+
+        Returns:
+            This model.
+        """
+        for _, layer in self._masked_layers():
+            unpack_parameter(layer.owner, layer.parameter_name)
+        return self
 
     # -- inspection
     def popup_layers(self) -> Iterator[tuple[str, PopupLayer]]:

@@ -52,6 +52,13 @@ class MultiAdapterMixin:
         saved modules and the norm policy (``add_adapter`` checks)."""
         return next(iter(self.peft_config.values()))
 
+    def _adapter_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """An adapter's values of what the backbone holds once (BatchNorm statistics, trained
+        norms): the live tensors for the active adapter, its stored ones for another."""
+        if adapter_name == self.active_adapter:
+            return self._shared_tensors()
+        return self._bank.stored(adapter_name)
+
     def _trained_roots(self) -> list[str]:
         config = self._backbone_config
         return list(config.modules_to_save or []) + [name for name, _ in self._trained_norms()]
@@ -87,7 +94,7 @@ class MultiAdapterMixin:
         """
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
-        state = self._bank.state(adapter_name, active=adapter_name == self.active_adapter)
+        state = self._adapter_values(adapter_name)
         for name, module in self.base_model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 copy_ = module.modules_to_save[adapter_name]
@@ -205,7 +212,7 @@ class MultiAdapterMixin:
         initial = dict(self._initial_norms)
         for name, bn in self._batchnorms():
             initial.update(initial_batchnorm_stats(bn, name))
-        self._bank.add(adapter_name, initial)
+        self._bank.add(adapter_name, initial, self._shared_tensors())
         self._set_requires_grad()
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -223,7 +230,7 @@ class MultiAdapterMixin:
         if previous != adapter_name:
             self.unmerge_adapter()
         if previous != adapter_name and previous in self.peft_config:
-            self._bank.switch(previous, adapter_name)
+            self._bank.switch(previous, adapter_name, self._shared_tensors())
         self.active_adapter = adapter_name
         for module in self._wrappers():
             module.set_adapter(adapter_name)
@@ -252,7 +259,7 @@ class MultiAdapterMixin:
             module.delete_adapter(adapter_name)
         if adapter_name == self.active_adapter:
             successor = next(iter(self.peft_config))
-            self._bank.switch(None, successor)  # the deleted adapter's values go with it
+            self._bank.switch(None, successor, self._shared_tensors())  # the deleted one's go
             self.active_adapter = None
             self.set_adapter(successor)
         else:
@@ -400,7 +407,7 @@ class MultiAdapterMixin:
         """For a routed batch: every module holding values of the `AdapterBank` (BatchNorm
         statistics, trained norms), and the values each routed adapter computes with."""
         stored = {
-            adapter: self._bank.state(adapter, active=False)
+            adapter: self._bank.stored(adapter)
             for adapter in adapters
             if adapter not in (self.active_adapter, BASE_ADAPTER)
         }
@@ -473,7 +480,7 @@ class MultiAdapterMixin:
         """
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
-        state = self._bank.state(adapter_name, active=adapter_name == self.active_adapter)
+        state = self._adapter_values(adapter_name)
         return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in BATCHNORM_STATS}
 
     def _wrappers(self) -> list[nn.Module]:

@@ -22,6 +22,7 @@ import torch
 from huggingface_hub import CommitInfo
 from torch import nn
 
+from .adapters import BATCHNORM_STATS
 from .artifact import Artifact
 from .artifact_files import (
     ArtifactContents,
@@ -30,10 +31,12 @@ from .artifact_files import (
     encode_artifact,
     encode_collection,
 )
+from .base import is_inside, seeds_without_reading
+from .config import PopupConfig
 from .errors import AdapterError, ArtifactError, BaseMismatchError
 from .hub import open_masks, push_artifact_files
 from .redraws import load_redraw_counts, redraw_counts
-from .seeding import fingerprint
+from .seeding import FingerprintAsSet, fingerprint
 from .sharding import whole_tensor
 from .specs import build_base, describe
 from .structure import describe_structure
@@ -43,13 +46,16 @@ if TYPE_CHECKING:
     from .model import PopupModel
 
 
-def check_fits(artifact: Artifact, check_structure: bool = True) -> None:
+def check_fits(artifact: Artifact, check_structure: bool = True) -> nn.Module:
     """Build an artifact's base on the meta device and refuse it before anything is allocated
     if it is not what the artifact masks, or if it would not fit in memory.
 
     Args:
         artifact: as read.
         check_structure: also compare the structure (as ``from_pretrained``'s argument).
+
+    Returns:
+        The base built on the meta device (shapes only).
 
     Raises:
         BaseMismatchError: the architecture the spec builds has another structure, or other
@@ -85,6 +91,28 @@ def check_fits(artifact: Artifact, check_structure: bool = True) -> None:
             "available; refused before allocating. Check the spec's arguments (a huge "
             "num_classes or vocab_size), or load it on a machine with more memory"
         )
+    return planned
+
+
+def _fingerprint_beside_seeding(model: nn.Module, config: PopupConfig) -> FingerprintAsSet:
+    """A fingerprint of ``model``'s base to hash while `seed_base` sets it: the names
+    ``base_state`` will have (every tensor but BatchNorm statistics and ``modules_to_save``),
+    the buffers announced now (seeding leaves them), the parameters as they are set. A name it
+    gets wrong (trained norms, which the artifact stores) only sends the load to the
+    whole-base fingerprint."""
+    stored = list(config.modules_to_save or [])
+    state = {
+        name: tensor
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if name.rpartition(".")[2] not in BATCHNORM_STATS
+        and not is_inside(name.rpartition(".")[0], stored)
+    }
+    hasher = FingerprintAsSet(state)
+    parameters = {id(param) for param in model.parameters()}
+    for name, tensor in state.items():
+        if id(tensor) not in parameters:  # a buffer: as built
+            hasher.add(name, tensor)
+    return hasher
 
 
 class PretrainedMixin:
@@ -314,8 +342,7 @@ class PretrainedMixin:
                 f"{path_or_repo_id} is a collection: its masks keep their stored names "
                 f"({[a.member for a in found]}); leave adapter_name out"
             )
-        if model is None:
-            check_fits(artifact, check_structure)  # before anything the artifact sizes
+        planned = None if model is not None else check_fits(artifact, check_structure)
         with ThreadPoolExecutor(max_workers=1 + torch.get_num_threads()) as pool:
             # masks that need no base decode on other threads while this one builds it
             early = {
@@ -329,6 +356,7 @@ class PretrainedMixin:
                     pool,
                     early,
                     model=model,
+                    planned=planned,
                     adapter_name=artifact.member or adapter_name,
                     is_trainable=is_trainable,
                     base_model_name_or_path=base_model_name_or_path,
@@ -352,15 +380,21 @@ class PretrainedMixin:
         early: dict[str, Future],
         *,
         model: nn.Module | None,
+        planned: nn.Module | None,
         adapter_name: str,
         is_trainable: bool,
         base_model_name_or_path: str | os.PathLike | None,
         check_structure: bool,
     ) -> tuple[PopupModel, dict[str, torch.Tensor]]:
         """`from_pretrained` of one artifact once it is open and checked, ``early`` masks
-        decoding in ``pool``: the model and the masks it loaded (the caller merges them)."""
-        if model is None:
-            seeded = artifact.config.init != "keep"  # every layer weight is drawn next
+        decoding in ``pool``: the model and the masks it loaded (the caller merges them).
+        ``planned`` is `check_fits`' meta build: given its memory, it is the base where the
+        seed sets every one of its tensors without reading them (no second construction)."""
+        seeded = artifact.config.init != "keep"  # every layer weight is drawn next
+        masked = [target.parameter_path for target in artifact.targets]
+        if model is None and seeded and seeds_without_reading(planned, masked):
+            model = planned.to_empty(device="cpu")
+        elif model is None:
             model = build_base(
                 artifact.base_spec,
                 pretrained=not seeded,
@@ -369,15 +403,25 @@ class PretrainedMixin:
             )
         elif check_structure:  # before adapting: its message says more than a missing layer's
             artifact.check_structure(describe_structure(model))  # (check_fits did, on meta)
-        popup = cls(
-            model,
-            artifact.config,
-            adapter_name,
-            draw_scores=False,
-            base_kwargs=artifact.base_spec.get("base_kwargs"),
-            targets=artifact.targets,
-        )
-        masks = popup._load_artifact(artifact, adapter_name, not is_trainable, pool, early)
+        hasher = _fingerprint_beside_seeding(model, artifact.config)
+        with ThreadPoolExecutor(max_workers=1) as hashing:  # not queued behind the decoders
+            fingerprinting = hasher, hashing.submit(hasher.result)
+            try:
+                popup = cls(
+                    model,
+                    artifact.config,
+                    adapter_name,
+                    draw_scores=False,
+                    base_kwargs=artifact.base_spec.get("base_kwargs"),
+                    targets=artifact.targets,
+                    on_seeded=hasher.add,
+                )
+            except BaseException:
+                hasher.finish({})  # the hash stops
+                raise
+            masks = popup._load_artifact(
+                artifact, adapter_name, not is_trainable, pool, early, fingerprinting
+            )
         return popup, masks
 
     def load_adapter(
@@ -433,6 +477,7 @@ class PretrainedMixin:
         serve: bool = False,
         pool: ThreadPoolExecutor | None = None,
         early: dict[str, Future] | None = None,
+        fingerprinting: tuple[FingerprintAsSet, Future] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Check that this base is the artifact's, then set ``adapter_name``'s masks and state
         (its structure is checked by the caller, before adapting).
@@ -448,6 +493,8 @@ class PretrainedMixin:
                 adapter the scores a loaded mask trains from.
             pool: worker threads to use (default: a pool of its own).
             early: masks already decoding there, by layer name.
+            fingerprinting: the base's fingerprint hashing since its seeding began, and its
+                result (None where it must be hashed whole after all).
 
         Returns:
             The masks, by layer name.
@@ -457,12 +504,16 @@ class PretrainedMixin:
                 return self._load_artifact(artifact, adapter_name, serve, own, early)
         masked = dict(self.popup_layers())
         shapes = {name: list(layer.base_weight.shape) for name, layer in masked.items()}
-        base_fingerprint = pool.submit(lambda: self.base_fingerprint)
+        if fingerprinting is None:
+            base_fingerprint = pool.submit(lambda: self.base_fingerprint)
+        else:
+            hasher, base_fingerprint = fingerprinting
+            hasher.finish(self.base_state())
         decoding = {
             name: (early or {}).get(name) or pool.submit(artifact.mask, name, layer.base_weight)
             for name, layer in masked.items()
         }
-        artifact.check_base(shapes, base_fingerprint.result())
+        artifact.check_base(shapes, base_fingerprint.result() or self.base_fingerprint)
         masks = {name: future.result() for name, future in decoding.items()}
         with torch.no_grad():
             for name, layer in masked.items():

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import kernels
 
@@ -341,8 +344,96 @@ def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """
     digest = hashlib.sha256(STREAM_VERSION.encode())
     for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        header = f"\0{name}\0{str(flat.dtype).removeprefix('torch.')}\0{tuple(tensor.shape)}\0"
-        digest.update(header.encode())
-        digest.update(flat.view(torch.uint8).numpy())
+        _hash_tensor(digest, name, tensor)
     return digest.hexdigest()
+
+
+def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    header = f"\0{name}\0{str(flat.dtype).removeprefix('torch.')}\0{tuple(tensor.shape)}\0"
+    digest.update(header.encode())
+    digest.update(flat.view(torch.uint8).numpy())
+
+
+class FingerprintAsSet:
+    """`fingerprint` of a base hashed while the base is being set, so that the hash (a
+    sequential pass over every byte) does not wait for the last tensor: tensors are announced
+    in any order as they become final (`add`), and `result` (on a thread of its own) hashes
+    them in sorted name order as soon as the next one is there.
+
+    `finish` hands over the base as it finally is: the result is its fingerprint, or None
+    when the tensors announced were not exactly those (the caller then fingerprints it
+    whole), so a wrong announcement costs time, never a wrong fingerprint.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        """Expect these tensor names.
+
+        Args:
+            names: the names the base is expected to have.
+        """
+        self._names = sorted(set(names))
+        self._ready: dict[str, torch.Tensor] = {}
+        self._final: dict[str, torch.Tensor] | None = None
+        self._condition = threading.Condition()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Announce ``tensor`` as final.
+
+        Args:
+            name: its name in the base.
+            tensor: the tensor (not copied: it must not change any more).
+        """
+        with self._condition:
+            self._ready[name] = tensor
+            self._condition.notify()
+
+    def finish(self, base: dict[str, torch.Tensor]) -> None:
+        """Hand over the base as it is now: every tensor is final.
+
+        Args:
+            base: ``{name: tensor}``, what `fingerprint` would be given.
+        """
+        with self._condition:
+            self._final = base
+            self._condition.notify()
+
+    def result(self) -> str | None:
+        """Hash the base as its tensors arrive (blocks until `finish`).
+
+        Returns:
+            `fingerprint` of the finished base, or None where it is not what was announced.
+        """
+        digest = hashlib.sha256(STREAM_VERSION.encode())
+        hashed: dict[str, torch.Tensor] = {}
+        for name in self._names:
+            with self._condition:
+                self._condition.wait_for(
+                    lambda name=name: name in self._ready or self._final is not None
+                )
+                tensor = self._ready.get(name)
+            if tensor is None:  # finished without it
+                return None
+            _hash_tensor(digest, name, tensor)
+            hashed[name] = tensor
+        with self._condition:
+            self._condition.wait_for(lambda: self._final is not None)
+        final = self._final
+        if final.keys() != hashed.keys() or any(
+            not _same_tensor(tensor, hashed[name]) for name, tensor in final.items()
+        ):
+            return None
+        return digest.hexdigest()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same values by construction: one storage, offset, shape, strides and dtype."""
+    if is_traceable_wrapper_subclass(a) or is_traceable_wrapper_subclass(b):  # (sign bits)
+        return False
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+    )

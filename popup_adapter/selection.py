@@ -12,7 +12,8 @@ This is the hot path of training. Exactness is the contract (every layer keeps e
   exact top-k;
 - **fused CPU kernels** (`.kernels`): on CPU the band search and ``W * M`` are one pass
   over scores and weights, and the backward one pass; elsewhere the same search runs in torch
-  operations.
+  operations. A base held as sign bits (`popup_adapter.sign_bits`) is read as bits by the
+  kernels, expanded to ``+-c`` in their pass.
 
 Under ``torch.compile`` a branch-free version runs instead (no host synchronisation, no graph
 break): full ``kthvalue``, ties broken with a cumulative sum.
@@ -29,6 +30,7 @@ import torch
 from torch.autograd.function import FunctionCtx
 
 from . import kernels
+from .sign_bits import SignBitWeight
 
 
 def num_kept(k: float, numel: int) -> int:
@@ -326,11 +328,13 @@ class FusedStraightThroughMask(torch.autograd.Function):
         Returns:
             ``weight * mask`` (or its binarized form).
         """
-        forward_kernel = torch.ops.popup_adapter.masked_weight_forward
-        weight, scores_c = weight.contiguous(), scores.detach().contiguous()
+        scores_c = scores.detach().contiguous()
+        if not isinstance(weight, SignBitWeight):
+            weight = weight.contiguous()
+        forward_kernel = _forward_kernel(weight, scores_c, kept)
 
         def try_band(low: float, high: float):
-            out, threshold, status = forward_kernel(weight, scores_c, kept, low, high)
+            out, threshold, status = forward_kernel(low, high)
             if status == kernels.FOUND:
                 return (out, threshold), None
             return None, status == kernels.ABOVE_BAND
@@ -339,7 +343,7 @@ class FusedStraightThroughMask(torch.autograd.Function):
         if found is None:
             magnitude = scores_c.abs().flatten()
             threshold = float(kth_largest(magnitude, kept))
-            out, threshold, _ = forward_kernel(weight, scores_c, kept, threshold, threshold)
+            out, threshold, _ = forward_kernel(threshold, threshold)
             first_try = False
         else:
             (out, threshold), first_try = found
@@ -363,11 +367,34 @@ class FusedStraightThroughMask(torch.autograd.Function):
         """
         weight, scores = ctx.saved_tensors
         grad = grad_output.contiguous()
-        if (ctx.single_use or grad is not grad_output) and not grad.requires_grad:
-            grad_scores = torch.ops.popup_adapter.straight_through_backward_(grad, weight, scores)
+        in_place = (ctx.single_use or grad is not grad_output) and not grad.requires_grad
+        ops = torch.ops.popup_adapter
+        if isinstance(weight, SignBitWeight):  # +-scale expanded in the same pass
+            backward = (
+                ops.straight_through_backward_signs_
+                if in_place
+                else ops.straight_through_backward_signs
+            )
+            grad_scores = backward(grad, weight.bits, weight.scale, scores)
         else:
-            grad_scores = torch.ops.popup_adapter.straight_through_backward(grad, weight, scores)
+            backward = ops.straight_through_backward_ if in_place else ops.straight_through_backward
+            grad_scores = backward(grad, weight, scores)
         return None, grad_scores, None, None, None, None
+
+
+def _forward_kernel(
+    weight: torch.Tensor, scores: torch.Tensor, kept: int
+) -> Callable[[float, float], tuple[torch.Tensor, float, int]]:
+    """The fused forward for one layer, as ``(low, high) -> (W * M, threshold, status)``:
+    over the float weights, or over a `SignBitWeight`'s bits (never written as floats)."""
+    if isinstance(weight, SignBitWeight):
+        bits, scale = weight.bits, weight.scale
+        return lambda low, high: torch.ops.popup_adapter.masked_weight_forward_signs(
+            bits, scale, scores, kept, low, high
+        )
+    return lambda low, high: torch.ops.popup_adapter.masked_weight_forward(
+        weight, scores, kept, low, high
+    )
 
 
 class _Recipe:
@@ -412,9 +439,7 @@ def masked_weight_recipe(masked: torch.Tensor) -> Callable[[], torch.Tensor] | N
 
     def recompute() -> torch.Tensor:
         if fused:
-            out, _, status = torch.ops.popup_adapter.masked_weight_forward(
-                weight, scores, kept, threshold, threshold
-            )
+            out, _, status = _forward_kernel(weight, scores, kept)(threshold, threshold)
             exact = status == kernels.FOUND
         else:
             magnitude = scores.detach().abs().flatten()
@@ -480,7 +505,7 @@ def _fused_kernels_apply(
         fused
         and state is not None
         and type(scores) in (torch.Tensor, torch.nn.Parameter)
-        and type(weight) in (torch.Tensor, torch.nn.Parameter)
+        and type(weight) in (torch.Tensor, torch.nn.Parameter, SignBitWeight)
         and scores.device.type == "cpu"
         and weight.device.type == "cpu"
         and weight.dtype == scores.dtype

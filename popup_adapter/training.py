@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from huggingface_hub import save_torch_state_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -45,13 +45,16 @@ from .distributed import (
     check_masks_agree,
     full_parameters,
 )
+from .errors import ConfigError
 from .evaluation import default_forward, evaluate
 from .hub import push_artifact_files
 from .model import PopupModel
+from .optim import SGD
 from .sampling import EpochShuffleSampler, SeededDataset, derived_seed, seeded_rngs
 from .training_args import TrainingArguments, add_training_arguments
 
 __all__ = [
+    "SGD",
     "Run",
     "TrainingArguments",
     "add_training_arguments",
@@ -122,6 +125,8 @@ def _make_accelerator(args: TrainingArguments) -> Accelerator:
 
 
 def _make_optimizer(params: list[nn.Parameter], args: TrainingArguments, lr: float):
+    if args.optimizer == "sgd" and args.momentum_dtype != "float32":
+        return SGD(params, lr, args.momentum, args.weight_decay, state_dtype=args.momentum_dtype)
     if args.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay
@@ -145,6 +150,18 @@ def _make_loaders(
         return train_loader, None
     eval_batch = args.eval_batch_size or args.batch_size
     return train_loader, DataLoader(eval_dataset, batch_size=eval_batch, **loader_kwargs)
+
+
+def _pack_base(model: nn.Module, accelerator: Accelerator) -> None:
+    """``args.pack_base``: the base as sign bits, before Accelerate wraps (or shards) it."""
+    if not isinstance(model, PopupModel):
+        raise ConfigError("pack_base holds a PopupModel's base as sign bits; this is no PopupModel")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "pack_base keeps a whole base on every process; FSDP shards the base instead. "
+            "Drop one of the two"
+        )
+    model.pack_base()
 
 
 def prepare_run(
@@ -176,6 +193,8 @@ def prepare_run(
     """
     accelerator = _make_accelerator(args)
     log_main = (log or tqdm.write) if accelerator.is_main_process else (lambda _: None)
+    if args.pack_base:
+        _pack_base(model, accelerator)
     log_main(
         f"world size {accelerator.num_processes} ({accelerator.distributed_type}), device "
         f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"

@@ -30,6 +30,9 @@ class TrainingArguments:
             a batch of 256); None uses ``lr`` as given.
         optimizer: ``"sgd"`` (with ``momentum``) or ``"adamw"``.
         momentum: SGD's momentum.
+        momentum_dtype: what SGD holds its momentum in: ``"float32"`` (``torch.optim.SGD``) or
+            ``"bfloat16"`` ([`SGD`][popup_adapter.training.SGD], half the
+            memory of that state).
         weight_decay: applied to what trains (the scores, and any ``modules_to_save``).
         warmup_epochs: linear warmup from 0, in epochs (fractions allowed).
         label_smoothing: of the cross-entropy loss.
@@ -48,6 +51,9 @@ class TrainingArguments:
         keep_checkpoints: how many of the latest checkpoints to keep.
         log_every: read the loss back from the device (a host sync) every this many steps, for
             the progress bar.
+        pack_base: hold the signed-constant base as sign bits while training
+            ([`PopupModel.pack_base`][popup_adapter.PopupModel.pack_base]): the same masks in
+            less memory than dense training.
     """
 
     output_dir: str = "out/popup"
@@ -57,6 +63,7 @@ class TrainingArguments:
     lr_reference_batch: int | None = None
     optimizer: str = "sgd"
     momentum: float = 0.9
+    momentum_dtype: str = "float32"
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
@@ -71,6 +78,7 @@ class TrainingArguments:
     push_to_hub: str | None = None
     keep_checkpoints: int = 2
     log_every: int = 50
+    pack_base: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **fields: Any) -> TrainingArguments:
@@ -92,6 +100,12 @@ class TrainingArguments:
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.momentum_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(
+                f"momentum_dtype must be float32 or bfloat16, got {self.momentum_dtype!r}"
+            )
+        if self.momentum_dtype != "float32" and self.optimizer != "sgd":
+            raise ConfigError("momentum_dtype is SGD's; adamw keeps its moments in float32")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ConfigError(
                 f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"
@@ -129,3 +143,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> 
     parser.add_argument("--workers", type=int, default=base["workers"])
     parser.add_argument("--output-dir", default=base["output_dir"])
     parser.add_argument("--push-to-hub", default=base["push_to_hub"], metavar="REPO")
+    parser.add_argument(
+        "--momentum-dtype",
+        default=base["momentum_dtype"],
+        choices=["float32", "bfloat16"],
+        help="what SGD holds its momentum in (bfloat16: half that memory)",
+    )
+    parser.add_argument(
+        "--pack-base",
+        action="store_true",
+        default=base["pack_base"],
+        help="hold the signed-constant base as sign bits (the same masks, less memory)",
+    )

@@ -1,8 +1,12 @@
 """Several adapters over one backbone: each keeps its own BatchNorm statistics, trained norms and
 trainable parameters, through switching, deleting and loading."""
 
+import gc
+import weakref
+
 import pytest
 import torch
+from conftest import MODELS
 from torch import nn
 
 from popup_adapter import AdapterError, PopupConfig, PopupModel, get_popup_model
@@ -94,3 +98,20 @@ def test_adapter_misuse_raises_adapter_errors():
     with pytest.raises(AdapterError, match="only adapter"):
         model.delete_adapter("default")
     assert isinstance(model, PopupModel)
+
+
+def test_a_model_is_freed_as_soon_as_it_is_dropped(tmp_path):
+    """No reference cycle (the adapter bank once held a bound method of its model): a dropped
+    model's weights are freed at once, not at the cyclic collector's next pass."""
+    model = get_popup_model(MODELS["resnet50"][0](), k=0.3)
+    model.add_adapter("other", PopupConfig(k=0.5))
+    model.save_pretrained(tmp_path)
+    gc.disable()
+    try:
+        refs = [weakref.ref(model)]
+        del model
+        for trainable in (False, True):
+            refs.append(weakref.ref(PopupModel.from_pretrained(tmp_path, is_trainable=trainable)))
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()

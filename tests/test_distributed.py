@@ -19,7 +19,11 @@ def _train_one_step(
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
-    model = get_popup_model(create_conv_net("conv2", width=0.25), **(config or {"k": 0.3}))
+    config = dict(config or {"k": 0.3})
+    pack = config.pop("pack_base", False)
+    model = get_popup_model(create_conv_net("conv2", width=0.25), **config)
+    if pack:
+        model.pack_base()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.5)
     for step in range(2):
@@ -43,6 +47,19 @@ def test_ddp_global_top_k_keeps_one_exact_count_on_every_rank():
     total = sum(mask.numel() for mask in masks.values())
     assert sum(int(mask.sum()) for mask in masks.values()) == round(0.1 * total)
     assert all(int(mask.sum()) >= round(0.02 * mask.numel()) for mask in masks.values())
+
+
+def test_ddp_over_a_base_held_as_sign_bits_trains_as_over_its_floats():
+    runs = []
+    for config in ({"k": 0.3}, {"k": 0.3, "pack_base": True}):
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_train_one_step, args=(2, os.path.join(tmp, "init"), tmp, config), nprocs=2)
+            runs.append([torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)])
+    for plain, packed in zip(*runs, strict=True):  # rank by rank
+        for kind in ("masks", "grads"):
+            assert plain[kind].keys() == packed[kind].keys() != set()
+            for name, value in plain[kind].items():
+                assert torch.equal(value, packed[kind][name]), (kind, name)
 
 
 def test_ddp_averages_score_gradients_and_keeps_masks_identical():

@@ -90,3 +90,30 @@ def test_an_embedding_its_constructor_zeroes_keeps_its_zeros():
     model = get_popup_model(build_skipping_layer_init(ZeroEmbedding), k=0.5)
     assert torch.equal(model.base_model.table.weight, torch.zeros(10, 4))
     assert model.base_model.other.weight.std() > 0
+
+
+def test_a_base_the_seed_sets_alone_is_loaded_from_its_meta_build(tmp_path, monkeypatch):
+    """ResNet-50 (layers, biases, norms, BatchNorm statistics): its meta build is given memory,
+    not built again; a ViT (a class token its constructor sets) is built again."""
+    from popup_adapter import PopupModel, specs
+    from popup_adapter.base import seeds_without_reading
+
+    built = []
+    monkeypatch.setattr(
+        "popup_adapter.pretrained.build_base",
+        lambda spec, **kwargs: (
+            built.append(kwargs.get("meta", False)) or specs.build_base(spec, **kwargs)
+        ),
+    )
+    for name, alone in (("resnet50", True), ("vit_tiny_patch16_224", False)):
+        make, batch = MODELS[name]
+        model = get_popup_model(make(), k=0.3).eval()
+        masked = [target.parameter_path for target in model.targets]
+        assert seeds_without_reading(model.unload_view(), masked) is alone
+        model.save_pretrained(tmp_path / name)
+        built.clear()
+        loaded = PopupModel.from_pretrained(tmp_path / name)
+        assert built == ([True] if alone else [True, False])
+        assert loaded.base_fingerprint == model.base_fingerprint
+        x = batch()
+        assert torch.equal(loaded(x), model(x))

@@ -122,11 +122,12 @@ def test_unsynchronised_launch_is_refused(image_folder, tmp_path):
     assert "2 processes were launched but Accelerate runs 1" in result.stdout + result.stderr
 
 
-def test_resumed_run_ends_with_the_same_masks(image_folder, tmp_path):
+def test_resumed_run_ends_with_the_same_masks_on_a_packed_base_too(image_folder, tmp_path):
     # two loader workers and timm's random training augmentations: the hard case
     whole = imagenet_args(image_folder, tmp_path / "whole", "--workers", "2")
     run([sys.executable, *whole])
-    part = imagenet_args(image_folder, tmp_path / "part", "--workers", "2")
+    # the interrupted run holds its base as sign bits: the same masks, bit for bit
+    part = imagenet_args(image_folder, tmp_path / "part", "--workers", "2", "--pack-base")
     run([sys.executable, *part, "--max-train-steps", "7"])  # stops inside epoch 2
     out = run([sys.executable, *part, "--resume"])
     assert "resumed from" in out and "at step 7" in out
@@ -167,6 +168,20 @@ def test_bf16_run(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+@needs_fashion_mnist
+def test_a_lean_run_resumes_to_the_same_masks(tmp_path):
+    """The base as sign bits and the momentum in bfloat16: a run stopped and resumed (the
+    optimizer state through Accelerate's checkpoint) ends as one that never stopped."""
+    lean = ("--width", "0.25", "--epochs", "2", "--train-limit", "512", "--workers", "0")
+    lean += ("--pack-base", "--momentum-dtype", "bfloat16")
+    run(fashion_mnist_command(tmp_path / "whole", *lean))
+    run(fashion_mnist_command(tmp_path / "part", *lean, "--max-train-steps", "5"))
+    out = run(fashion_mnist_command(tmp_path / "part", *lean, "--resume"))
+    assert "at step 5" in out
+    whole, part = (read_artifact(tmp_path / name).weights_path for name in ("whole", "part"))
+    assert whole.name == part.name and whole.read_bytes() == part.read_bytes()
 
 
 @pytest.mark.parametrize(

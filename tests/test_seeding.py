@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -56,6 +58,26 @@ def test_fingerprint_covers_names_dtypes_shapes_and_bytes():
     assert base != seeding.fingerprint([("a", t), ("b", t.view(3, 2))])
     assert base != seeding.fingerprint([("a", t), ("b", t.view(2, 3).double())])
     assert base != seeding.fingerprint([("a", t), ("b", t.view(2, 3) + 1)])
+
+
+def test_a_fingerprint_hashed_as_the_base_is_set_is_the_fingerprint_or_none():
+    t = torch.arange(6, dtype=torch.float32)
+    base = {"b": t.view(2, 3), "a": t, "c": t[:2]}
+
+    def hashed(expected, announced, final):
+        hasher = seeding.FingerprintAsSet(expected)
+        with ThreadPoolExecutor(1) as pool:
+            result = pool.submit(hasher.result)
+            for name in announced:  # any order
+                hasher.add(name, base[name])
+            hasher.finish(final)
+            return result.result(timeout=10)
+
+    assert hashed(base, ["c", "a", "b"], base) == seeding.fingerprint(base.items())
+    assert hashed(base, ["a"], base) is None  # finished before "b" came: no wait forever
+    assert hashed(["a", "b"], ["a", "b"], base) is None  # the base has a tensor more
+    assert hashed(base, ["a", "b", "c"], {**base, "c": t[:2].clone()}) is None  # another one
+    assert hashed(base, [], {}) is None  # a failed build stops it
 
 
 @needs_kernels

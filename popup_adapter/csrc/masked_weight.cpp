@@ -9,6 +9,10 @@
 // status says on which side the threshold lies.
 //
 // straight_through_backward: dL/dS = dL/d(W*M) * W * sign(S), one pass.
+//
+// The *_signs variants read a signed-constant base held as sign bits (popup_adapter/sign_bits.py:
+// flat uint8, little bit order, a set bit a negative weight) and one magnitude, and expand
+// +-scale in the same pass: the float weights are never written.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -29,8 +34,43 @@ constexpr int64_t kBlock = 64;      // elements counted before looking for band 
 
 enum Status : int64_t { kFound = 0, kAboveBand = 1, kBelowBand = 2 };
 
+// The weights, read as W[i] (`operator()`, for the few band fix-ups) or a block of up to kBlock
+// at a time from a kBlock-aligned start (`block`: a pointer to them, written into `scratch` if
+// they are not stored as floats), so that the hot loops stay branch-free and vectorized.
 template <typename scalar_t>
-std::tuple<double, int64_t> forward_impl(const scalar_t* __restrict__ weight,
+struct DenseWeight {
+  const scalar_t* __restrict__ values;
+  scalar_t operator()(int64_t i) const { return values[i]; }
+  const scalar_t* block(int64_t begin, int64_t, scalar_t*) const { return values + begin; }
+};
+
+// W[i] = -scale where bit i is set, else +scale; a block is expanded a byte at a time from
+// `table` (the 8 weights of each of the 256 bytes, see SignTable)
+template <typename scalar_t>
+struct SignBits {
+  const uint8_t* __restrict__ bits;
+  const scalar_t* __restrict__ table;
+  scalar_t operator()(int64_t i) const { return table[(bits[i >> 3] >> (i & 7)) & 1 ? 8 * 255 : 0]; }
+  const scalar_t* block(int64_t begin, int64_t n, scalar_t* __restrict__ scratch) const {
+    const uint8_t* __restrict__ first = bits + (begin >> 3);
+    for (int64_t b = 0; b < (n + 7) / 8; ++b)
+      std::memcpy(scratch + 8 * b, table + 8 * first[b], 8 * sizeof(scalar_t));
+    return scratch;
+  }
+};
+
+// The 8 weights each byte of sign bits stands for, for one scale
+template <typename scalar_t>
+std::vector<scalar_t> sign_table(double scale) {
+  std::vector<scalar_t> table(256 * 8);
+  for (int byte = 0; byte < 256; ++byte)
+    for (int j = 0; j < 8; ++j)
+      table[8 * byte + j] = static_cast<scalar_t>((byte >> j) & 1 ? -scale : scale);
+  return table;
+}
+
+template <typename scalar_t, typename Weight>
+std::tuple<double, int64_t> forward_impl(const Weight weight,
                                          const scalar_t* __restrict__ scores,
                                          scalar_t* __restrict__ out, int64_t numel, int64_t kept,
                                          double low_d, double high_d) {
@@ -51,9 +91,11 @@ std::tuple<double, int64_t> forward_impl(const scalar_t* __restrict__ weight,
       for (int64_t block = begin; block < end; block += kBlock) {
         const int64_t block_end = std::min(end, block + kBlock);
         int32_t block_above = 0, block_band = 0;
+        scalar_t scratch[kBlock];
+        const scalar_t* __restrict__ block_weight = weight.block(block, block_end - block, scratch);
         for (int64_t i = block; i < block_end; ++i) {
           const acc_t magnitude = std::abs(static_cast<acc_t>(scores[i]));
-          const scalar_t w = weight[i];
+          const scalar_t w = block_weight[i - block];
           const int32_t keep = magnitude > high;
           out[i] = keep ? w : scalar_t(0);
           block_above += keep;
@@ -101,63 +143,123 @@ std::tuple<double, int64_t> forward_impl(const scalar_t* __restrict__ weight,
   for (size_t j = 0; j < indices.size(); ++j) {
     const acc_t m = magnitudes[j];
     const bool keep = m > threshold || (m == threshold && ties_left-- > 0);
-    if (keep) out[indices[j]] = weight[indices[j]];
+    if (keep) out[indices[j]] = weight(indices[j]);
   }
   return {static_cast<double>(threshold), kFound};
+}
+
+void check_selection(const at::Tensor& scores, int64_t kept, double low, double high) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.is_contiguous(), "contiguous CPU scores expected");
+  TORCH_CHECK(kept >= 1 && kept <= scores.numel(), "kept out of range");
+  TORCH_CHECK(low <= high, "low > high");
+}
+
+void check_signs(const at::Tensor& bits, const at::Tensor& scores) {
+  TORCH_CHECK(bits.device().is_cpu() && bits.is_contiguous(), "contiguous CPU sign bits expected");
+  TORCH_CHECK(bits.scalar_type() == at::kByte, "sign bits must be uint8");
+  TORCH_CHECK(bits.numel() == (scores.numel() + 7) / 8, "sign bits and scores sizes differ");
 }
 
 std::tuple<at::Tensor, double, int64_t> masked_weight_forward(const at::Tensor& weight,
                                                               const at::Tensor& scores,
                                                               int64_t kept, double low,
                                                               double high) {
-  TORCH_CHECK(weight.device().is_cpu() && scores.device().is_cpu(), "CPU tensors expected");
-  TORCH_CHECK(weight.is_contiguous() && scores.is_contiguous(), "contiguous tensors expected");
+  check_selection(scores, kept, low, high);
+  TORCH_CHECK(weight.device().is_cpu() && weight.is_contiguous(), "contiguous CPU weight expected");
   TORCH_CHECK(weight.scalar_type() == scores.scalar_type(), "weight and scores dtypes differ");
   TORCH_CHECK(weight.numel() == scores.numel(), "weight and scores sizes differ");
-  TORCH_CHECK(kept >= 1 && kept <= weight.numel(), "kept out of range");
-  TORCH_CHECK(low <= high, "low > high");
   at::Tensor out = at::empty_like(weight);
   double threshold = 0;
   int64_t status = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, weight.scalar_type(), "masked_weight_forward", [&] {
-        std::tie(threshold, status) =
-            forward_impl<scalar_t>(weight.const_data_ptr<scalar_t>(),
-                                   scores.const_data_ptr<scalar_t>(),
-                                   out.mutable_data_ptr<scalar_t>(), weight.numel(), kept, low,
-                                   high);
+        std::tie(threshold, status) = forward_impl<scalar_t>(
+            DenseWeight<scalar_t>{weight.const_data_ptr<scalar_t>()},
+            scores.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), weight.numel(),
+            kept, low, high);
       });
   return {out, threshold, status};
 }
 
-// out = grad * W * sign(S); `out` may be `grad` itself (each element is read, then written)
+std::tuple<at::Tensor, double, int64_t> masked_weight_forward_signs(const at::Tensor& bits,
+                                                                    double scale,
+                                                                    const at::Tensor& scores,
+                                                                    int64_t kept, double low,
+                                                                    double high) {
+  check_selection(scores, kept, low, high);
+  check_signs(bits, scores);
+  at::Tensor out = at::empty_like(scores);
+  double threshold = 0;
+  int64_t status = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, scores.scalar_type(), "masked_weight_forward_signs", [&] {
+        const std::vector<scalar_t> table = sign_table<scalar_t>(scale);
+        std::tie(threshold, status) = forward_impl<scalar_t>(
+            SignBits<scalar_t>{bits.const_data_ptr<uint8_t>(), table.data()},
+            scores.const_data_ptr<scalar_t>(),
+            out.mutable_data_ptr<scalar_t>(), scores.numel(), kept, low, high);
+      });
+  return {out, threshold, status};
+}
+
+// o = g * W * sign(S); `o` may be `g` itself (each element is read, then written)
+template <typename scalar_t, typename Weight>
+void backward_impl(const scalar_t* g, const Weight weight, const scalar_t* __restrict__ s,
+                   scalar_t* o, int64_t numel) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t block = first * kChunk; block < std::min(numel, last * kChunk); block += kBlock) {
+      const int64_t block_end = std::min(numel, block + kBlock);
+      scalar_t scratch[kBlock];
+      const scalar_t* __restrict__ w = weight.block(block, block_end - block, scratch);
+      for (int64_t i = block; i < block_end; ++i) {
+        // W * sign(S) as selects over unconditional values, so the loop vectorizes
+        const acc_t si = static_cast<acc_t>(s[i]), wi = static_cast<acc_t>(w[i - block]);
+        const acc_t signed_w = si == acc_t(0) ? acc_t(0) : (si > acc_t(0) ? wi : -wi);
+        o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * signed_w);
+      }
+    }
+  });
+}
+
+void check_backward(const at::Tensor& grad, const at::Tensor& scores, const at::Tensor& out) {
+  TORCH_CHECK(grad.is_contiguous() && scores.is_contiguous() && out.is_contiguous(),
+              "contiguous tensors expected");
+  TORCH_CHECK(grad.scalar_type() == scores.scalar_type() &&
+                  scores.scalar_type() == out.scalar_type(),
+              "grad and scores dtypes differ");
+  TORCH_CHECK(grad.numel() == scores.numel() && scores.numel() == out.numel(),
+              "grad and scores sizes differ");
+}
+
 void straight_through_backward_into(const at::Tensor& grad, const at::Tensor& weight,
                                     const at::Tensor& scores, const at::Tensor& out) {
-  TORCH_CHECK(grad.is_contiguous() && weight.is_contiguous() && scores.is_contiguous() &&
-                  out.is_contiguous(),
-              "contiguous tensors expected");
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type() &&
-                  weight.scalar_type() == scores.scalar_type() &&
-                  scores.scalar_type() == out.scalar_type(),
-              "grad, weight and scores dtypes differ");
-  TORCH_CHECK(grad.numel() == weight.numel() && weight.numel() == scores.numel() &&
-                  scores.numel() == out.numel(),
-              "grad, weight and scores sizes differ");
+  check_backward(grad, scores, out);
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == scores.scalar_type() &&
+                  weight.numel() == scores.numel(),
+              "the weight must be contiguous, of the scores' dtype and size");
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, scores.scalar_type(), "straight_through_backward", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const scalar_t* g = grad.const_data_ptr<scalar_t>();
-        const scalar_t* __restrict__ w = weight.const_data_ptr<scalar_t>();
-        const scalar_t* __restrict__ s = scores.const_data_ptr<scalar_t>();
-        scalar_t* o = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, scores.numel(), kChunk, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            // W * sign(S) as selects over unconditional values, so the loop vectorizes
-            const acc_t si = static_cast<acc_t>(s[i]), wi = static_cast<acc_t>(w[i]);
-            const acc_t signed_w = si == acc_t(0) ? acc_t(0) : (si > acc_t(0) ? wi : -wi);
-            o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * signed_w);
-          }
-        });
+        backward_impl<scalar_t>(grad.const_data_ptr<scalar_t>(),
+                                DenseWeight<scalar_t>{weight.const_data_ptr<scalar_t>()},
+                                scores.const_data_ptr<scalar_t>(),
+                                out.mutable_data_ptr<scalar_t>(), scores.numel());
+      });
+}
+
+void straight_through_backward_signs_into(const at::Tensor& grad, const at::Tensor& bits,
+                                          double scale, const at::Tensor& scores,
+                                          const at::Tensor& out) {
+  check_backward(grad, scores, out);
+  check_signs(bits, scores);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, scores.scalar_type(), "straight_through_backward_signs", [&] {
+        const std::vector<scalar_t> table = sign_table<scalar_t>(scale);
+        backward_impl<scalar_t>(grad.const_data_ptr<scalar_t>(),
+                                SignBits<scalar_t>{bits.const_data_ptr<uint8_t>(), table.data()},
+                                scores.const_data_ptr<scalar_t>(),
+                                out.mutable_data_ptr<scalar_t>(), scores.numel());
       });
 }
 
@@ -175,6 +277,19 @@ at::Tensor& straight_through_backward_(at::Tensor& grad, const at::Tensor& weigh
   return grad;
 }
 
+at::Tensor straight_through_backward_signs(const at::Tensor& grad, const at::Tensor& bits,
+                                           double scale, const at::Tensor& scores) {
+  at::Tensor out = at::empty_like(scores);
+  straight_through_backward_signs_into(grad, bits, scale, scores, out);
+  return out;
+}
+
+at::Tensor& straight_through_backward_signs_(at::Tensor& grad, const at::Tensor& bits,
+                                             double scale, const at::Tensor& scores) {
+  straight_through_backward_signs_into(grad, bits, scale, scores, grad);
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(popup_adapter, m) {
@@ -182,10 +297,19 @@ TORCH_LIBRARY(popup_adapter, m) {
         " -> (Tensor, float, int)");
   m.def("straight_through_backward(Tensor grad, Tensor weight, Tensor scores) -> Tensor");
   m.def("straight_through_backward_(Tensor(a!) grad, Tensor weight, Tensor scores) -> Tensor(a!)");
+  m.def("masked_weight_forward_signs(Tensor bits, float scale, Tensor scores, int kept, float low,"
+        " float high) -> (Tensor, float, int)");
+  m.def("straight_through_backward_signs(Tensor grad, Tensor bits, float scale, Tensor scores)"
+        " -> Tensor");
+  m.def("straight_through_backward_signs_(Tensor(a!) grad, Tensor bits, float scale,"
+        " Tensor scores) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(popup_adapter, CPU, m) {
   m.impl("masked_weight_forward", &masked_weight_forward);
   m.impl("straight_through_backward", &straight_through_backward);
   m.impl("straight_through_backward_", &straight_through_backward_);
+  m.impl("masked_weight_forward_signs", &masked_weight_forward_signs);
+  m.impl("straight_through_backward_signs", &straight_through_backward_signs);
+  m.impl("straight_through_backward_signs_", &straight_through_backward_signs_);
 }
