@@ -416,12 +416,12 @@ class PretrainedMixin:
                     targets=artifact.targets,
                     on_seeded=hasher.add,
                 )
+                masks = popup._load_artifact(
+                    artifact, adapter_name, not is_trainable, pool, early, fingerprinting
+                )
             except BaseException:
-                hasher.finish({})  # the hash stops
+                hasher.finish({})  # the hash stops (else this block would wait for it)
                 raise
-            masks = popup._load_artifact(
-                artifact, adapter_name, not is_trainable, pool, early, fingerprinting
-            )
         return popup, masks
 
     def load_adapter(

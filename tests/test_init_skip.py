@@ -1,13 +1,15 @@
 """Building a seeded base without its layer weights' init gives the base a plain build gives."""
 
 import logging
+import threading
 
 import pytest
 import torch
 from conftest import MODELS
 from torch import nn
 
-from popup_adapter import get_popup_model
+from popup_adapter import PopupModel, get_popup_model, specs
+from popup_adapter.base import seeds_without_reading
 from popup_adapter.init_skip import build_skipping_layer_init
 
 
@@ -95,9 +97,6 @@ def test_an_embedding_its_constructor_zeroes_keeps_its_zeros():
 def test_a_base_the_seed_sets_alone_is_loaded_from_its_meta_build(tmp_path, monkeypatch):
     """ResNet-50 (layers, biases, norms, BatchNorm statistics): its meta build is given memory,
     not built again; a ViT (a class token its constructor sets) is built again."""
-    from popup_adapter import PopupModel, specs
-    from popup_adapter.base import seeds_without_reading
-
     built = []
     monkeypatch.setattr(
         "popup_adapter.pretrained.build_base",
@@ -117,3 +116,26 @@ def test_a_base_the_seed_sets_alone_is_loaded_from_its_meta_build(tmp_path, monk
         assert loaded.base_fingerprint == model.base_fingerprint
         x = batch()
         assert torch.equal(loaded(x), model(x))
+
+
+def test_a_load_that_fails_while_the_fingerprint_hashes_raises_and_does_not_hang(
+    tmp_path, monkeypatch
+):
+    get_popup_model(MODELS["resnet50"][0](), k=0.3).save_pretrained(tmp_path)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a layer failed to take its mask")
+
+    monkeypatch.setattr(PopupModel, "_add_scores", broken)  # inside the model's build
+    raised = []
+
+    def load() -> None:
+        try:
+            PopupModel.from_pretrained(tmp_path)
+        except RuntimeError as error:
+            raised.append(str(error))
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive() and raised == ["a layer failed to take its mask"]
