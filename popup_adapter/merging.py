@@ -27,7 +27,7 @@ from .injection import replace_wrappers, tied_parameter_ids, wrapped_module
 from .layers import PopupLayer
 from .redraws import redraw_counts, write_redrawn
 from .sharding import whole_tensor
-from .sign_bits import SignBitWeight, unpack_parameter
+from .sign_bits import SignBitWeight
 
 
 def merge_layer(layer: PopupLayer, in_place: bool, loaded_mask: torch.Tensor | None = None) -> None:
@@ -112,7 +112,8 @@ def merged_module(layer: PopupLayer, adapter_name: str) -> nn.Module:
 
 class MergeMixin:
     """``merge_adapter`` / ``unmerge_adapter`` for [`PopupModel`][popup_adapter.PopupModel]
-    (host: ``active_adapter``, ``_backbone_config``, ``_masked_layers``, ``base_model``)."""
+    (host: ``active_adapter``, ``_backbone_config``, ``_masked_layers``, ``base_model``,
+    ``unpack_base``)."""
 
     @property
     def merged(self) -> bool:
@@ -212,7 +213,6 @@ class MergeMixin:
             The dense base (this PopupModel's ``base_model``, unwrapped in place).
         """
         self.unmerge_adapter()
-        for _, layer in self._masked_layers():  # a plain model holds its floats
-            unpack_parameter(layer.owner, layer.parameter_name)
+        self.unpack_base()  # a plain model holds its floats
         replace_wrappers(self.base_model, wrapped_module)
         return self.base_model
