@@ -135,11 +135,7 @@ class SignBitWeight(torch.Tensor):
                 f"{func.__name__} would write into a base held as sign bits (read-only); call "
                 "model.unpack_base() first to hold its floats"
             )
-        unpacked = tree_map(lambda t: t.dense() if isinstance(t, SignBitWeight) else t, args)
-        unpacked_kwargs = tree_map(
-            lambda t: t.dense() if isinstance(t, SignBitWeight) else t, kwargs
-        )
-        return func(*unpacked, **unpacked_kwargs)
+        return func(*tree_map(dense_value, args), **tree_map(dense_value, kwargs))
 
     def _with_bits(self, bits: torch.Tensor) -> SignBitWeight:
         return SignBitWeight(bits, self.scale, self.shape, self.dtype)
