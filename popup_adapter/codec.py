@@ -34,6 +34,7 @@ from .errors import ArtifactError
 ENCODINGS = ("packed", "rans", "all", "rans_magnitude")
 #: |W| quantile buckets of the ``rans_magnitude`` coder
 MAGNITUDE_BUCKETS = 16
+_BUCKET_SLICE = 1 << 18  # weights bucketed at a time (a 2 MiB int64 temporary)
 
 
 def entropy_bits(numel: int, kept: int) -> float:
@@ -129,17 +130,38 @@ def magnitude_buckets(weight: torch.Tensor) -> np.ndarray:
         weight: the base weight (any shape).
 
     Returns:
-        A flat int64 array of buckets in ``[0, MAGNITUDE_BUCKETS)``.
+        A flat uint8 array of buckets in ``[0, MAGNITUDE_BUCKETS)``: a byte per weight, written
+        a slice at a time, since masks decode on worker threads whose freed temporaries stay
+        resident in their glibc arenas (an int64 bucket per weight cost a loaded resnet50
+        tens of MB).
     """
     magnitude = weight.detach().to("cpu", torch.float32).reshape(-1).abs().numpy()
     ranks = [magnitude.size * b // MAGNITUDE_BUCKETS for b in range(1, MAGNITUDE_BUCKETS)]
     edges = np.partition(magnitude, ranks)[ranks]
-    return np.searchsorted(edges, magnitude, side="right")
+    buckets = np.empty(magnitude.size, np.uint8)
+    for start in range(0, magnitude.size, _BUCKET_SLICE):
+        part = slice(start, start + _BUCKET_SLICE)
+        buckets[part] = np.searchsorted(edges, magnitude[part], side="right")
+    return buckets
+
+
+def bucket_counts(buckets: np.ndarray) -> list[int]:
+    """How many entries each |W| bucket has (torch's bincount counts the bytes as they are,
+    where numpy's would copy them to int64 first).
+
+    Args:
+        buckets: `magnitude_buckets`' output, or a selection of it.
+
+    Returns:
+        ``MAGNITUDE_BUCKETS`` counts.
+    """
+    counts = torch.bincount(torch.from_numpy(buckets), minlength=MAGNITUDE_BUCKETS)
+    return counts.tolist()
 
 
 def _bucket_table(buckets: np.ndarray, bucket_kept: list[int]) -> np.ndarray:
     """The kept fraction of each |W| bucket: each bit's probability, indexed by its bucket."""
-    sizes = np.bincount(buckets, minlength=MAGNITUDE_BUCKETS)
+    sizes = np.asarray(bucket_counts(buckets))
     return np.asarray(bucket_kept, np.float64) / np.maximum(sizes, 1)
 
 
@@ -161,8 +183,7 @@ def encode_mask_given_base(
     if encoding == "all" or not bits.any():
         return encoding, payload, None
     buckets = magnitude_buckets(weight)
-    bucket_kept = np.bincount(buckets, weights=bits, minlength=MAGNITUDE_BUCKETS)
-    bucket_kept = bucket_kept.astype(np.int64).tolist()
+    bucket_kept = bucket_counts(buckets[bits])
     coder = constriction.stream.stack.AnsCoder()
     family = constriction.stream.model.Bernoulli(perfect=False)
     probabilities = _bucket_table(buckets, bucket_kept)[buckets]
@@ -220,9 +241,7 @@ def decode_mask(
             else:
                 buckets = magnitude_buckets(weight)
                 bits = _decode_bernoulli(words, numel, _bucket_table(buckets, bucket_kept), buckets)
-                if np.bincount(buckets, weights=bits, minlength=MAGNITUDE_BUCKETS).tolist() != [
-                    float(n) for n in bucket_kept
-                ]:
+                if bucket_counts(buckets[bits]) != list(bucket_kept):
                     raise ValueError("the kept counts per |W| bucket differ")
         except Exception as error:  # constriction raises its own types on a bad stream
             raise ArtifactError(
@@ -252,7 +271,7 @@ def _decode_bernoulli(
         bits = torch.ops.popup_adapter.rans_decode_bernoulli(
             torch.from_numpy(words.view(np.int32)),
             torch.from_numpy(np.ascontiguousarray(table, np.float64)),
-            torch.from_numpy(index) if index is not None else torch.empty(0, dtype=torch.long),
+            torch.from_numpy(index) if index is not None else torch.empty(0, dtype=torch.uint8),
             numel,
         )
         return bits.numpy().view(bool)

@@ -107,6 +107,18 @@ def load_kernels() -> bool:
     return all(hasattr(torch.ops.popup_adapter, op) for op in ops)
 
 
+def empty_cache() -> None:
+    """Return the kernels' cached ``W * M`` block to malloc, as `torch.cuda.empty_cache` does.
+
+    The forward kernels keep the last freed masked weight (at most the largest layer's, 256 MiB)
+    for the next layer to write into, so that training's peak memory does not grow with the holes
+    freed blocks leave in glibc's heap. Call this when a training loop is done and that block is
+    better spent elsewhere; nothing happens when the kernels are not loaded.
+    """
+    if hasattr(torch.ops.popup_adapter, "empty_cache"):
+        torch.ops.popup_adapter.empty_cache()
+
+
 def _build(folder: Path) -> None:
     from torch.utils import cpp_extension  # only to compile: importing it logs about CUDA
 

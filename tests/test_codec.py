@@ -6,7 +6,14 @@ import torch
 from conftest import needs_kernels
 
 from popup_adapter import ArtifactError
-from popup_adapter.codec import decode_mask, encode_mask, entropy_bits
+from popup_adapter.codec import (
+    MAGNITUDE_BUCKETS,
+    bucket_counts,
+    decode_mask,
+    encode_mask,
+    entropy_bits,
+    magnitude_buckets,
+)
 from popup_adapter.selection import num_kept, topk_mask
 
 
@@ -72,6 +79,22 @@ def test_masks_that_follow_the_base_are_coded_given_its_magnitudes():
     # decoded over another base, the counts per bucket disagree: refused, never a wrong mask
     with pytest.raises(ArtifactError, match="corrupted"):
         decode_mask(encoding, payload, (256, 128), kept, "here", weight.flip(0), bucket_kept)
+
+
+def test_magnitude_buckets_are_the_quantiles_of_abs_w_a_byte_each():
+    """Written a slice at a time (a byte per weight, not int64): the same buckets as one
+    search over the whole layer, equal-sized up to ties, across the slices' seams."""
+    weight = torch.randn(700_001, generator=torch.Generator().manual_seed(3))
+    weight[::97] = weight[5]  # ties fall in one bucket
+    buckets = magnitude_buckets(weight)
+    magnitude = weight.abs().numpy()
+    ranks = [magnitude.size * b // MAGNITUDE_BUCKETS for b in range(1, MAGNITUDE_BUCKETS)]
+    edges = np.sort(magnitude)[ranks]
+    assert buckets.dtype == np.uint8
+    assert np.array_equal(buckets, np.searchsorted(edges, magnitude, side="right"))
+    counts = bucket_counts(buckets)
+    assert counts == np.bincount(buckets, minlength=MAGNITUDE_BUCKETS).tolist()
+    assert sum(counts) == weight.numel() and max(counts) - min(counts) < weight.numel() // 90
 
 
 def test_the_plain_coder_is_kept_where_the_base_says_nothing():

@@ -242,3 +242,57 @@ def test_a_forward_that_writes_into_the_masked_weight_keeps_what_it_wrote():
         torch.nn.functional.linear(x, doubled, layer.base_layer.bias).square().sum(), x
     )[0]
     torch.testing.assert_close(x.grad, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("signs", [False, True], ids=["float weight", "sign bits"])
+def test_a_freed_masked_weight_is_reused_and_a_held_one_never_is(signs):
+    """The forward kernels' W * M come from a few kept blocks (no heap holes between the
+    activations): a block serves the next W * M once every tensor of it, views included, is
+    gone, and never while one is held."""
+    assert kernels.load_kernels()
+    kernels.empty_cache()  # a larger block kept from an earlier test would not serve these
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 70, generator=generator)
+
+    def threshold(scores):  # the exact one: the kernels' output holds where they find it
+        value = float(scores.abs().flatten().kthvalue(scores.numel() - 5000 + 1).values)
+        return value, value
+
+    if signs:
+        from popup_adapter.sign_bits import SignBitWeight
+
+        packed = SignBitWeight.from_dense(torch.where(weight < 0, -0.25, 0.25))
+        weight = packed.dense()
+
+        def forward(scores):
+            return torch.ops.popup_adapter.masked_weight_forward_signs(
+                packed.bits, packed.scale, scores, 5000, *threshold(scores)
+            )[0]
+    else:
+
+        def forward(scores):
+            return torch.ops.popup_adapter.masked_weight_forward(
+                weight, scores, 5000, *threshold(scores)
+            )[0]
+
+    def expected(scores):
+        return weight * full_sort_mask(scores, 5000)
+
+    first_scores, second_scores = (torch.randn(300, 70, generator=generator) for _ in range(2))
+    first = forward(first_scores)
+    held = first[10:].t()  # a view keeps the block, as autograd's saved W.T would
+    del first
+    second = forward(second_scores)
+    assert second.data_ptr() != held.untyped_storage().data_ptr()
+    assert torch.equal(held, expected(first_scores)[10:].t())
+    assert torch.equal(second, expected(second_scores))
+    del held, second
+    blocks = set()
+    for scores in (first_scores, second_scores) * 3:  # layer after layer, nothing held
+        out = forward(scores)
+        assert torch.equal(out, expected(scores))
+        assert out.is_contiguous() and out.shape == (300, 70)
+        blocks.add(out.data_ptr())
+        del out
+    assert len(blocks) <= 2  # the kept blocks serve them all

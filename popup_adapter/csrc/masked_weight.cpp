@@ -19,12 +19,17 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -33,6 +38,82 @@ constexpr int64_t kChunk = 1 << 16;  // elements per task: fixed, so results are
 constexpr int64_t kBlock = 64;      // elements counted before looking for band members
 
 enum Status : int64_t { kFound = 0, kAboveBand = 1, kBelowBand = 2 };
+
+// The W * M the forward kernels write: every layer's forward, and its backward again, writes
+// one, used by one matmul and freed. Left to malloc, these blocks alternate with the
+// activations allocated between them, and glibc's heap (where blocks under its adaptive mmap
+// threshold go) keeps the holes they leave: a training step's peak RSS rose by up to a model's
+// worth of weights above its live tensors (ViT-S: 1.08x dense instead of 0.94x). A freed block
+// is kept here instead and the next W * M that fits takes it, so one block, the largest layer's
+// after the first step, serves layer after layer (one W * M is alive at a time, unless threads
+// run forwards at once: the others then come from malloc). A block returns only when its last
+// tensor is freed (the storage's deleter), so nothing can see it reused. At most kBlocks
+// blocks and kCachedBytes are kept (the smallest go back to malloc first).
+class BlockCache {
+ public:
+  static constexpr size_t kBlocks = 1;
+  static constexpr size_t kMostWaste = 4;  // a block serves a W * M of a quarter its size or more
+  static constexpr size_t kCachedBytes = size_t{256} << 20;
+
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache();  // never destroyed: deleters run until exit
+    return *cache;
+  }
+
+  // a block of at least `nbytes`, and its size
+  std::pair<void*, size_t> take(size_t nbytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto fits = free_.lower_bound(nbytes);
+      if (fits != free_.end() && fits->first / kMostWaste <= nbytes) {
+        const std::pair<void*, size_t> block{fits->second, fits->first};
+        cached_ -= fits->first;
+        free_.erase(fits);
+        return block;
+      }
+    }
+    return {c10::alloc_cpu(nbytes), nbytes};
+  }
+
+  void give_back(void* block, size_t nbytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free_.emplace(nbytes, block);
+      cached_ += nbytes;
+    }
+    keep_at_most(kBlocks, kCachedBytes);
+  }
+
+  // returns cached blocks to malloc, the smallest first, until at most `blocks` of them and
+  // `bytes` are kept
+  void keep_at_most(size_t blocks, size_t bytes) {
+    std::vector<std::pair<size_t, void*>> released;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (free_.size() > blocks || cached_ > bytes) {
+        released.emplace_back(*free_.begin());
+        cached_ -= free_.begin()->first;
+        free_.erase(free_.begin());
+      }
+    }
+    for (const auto& [size, data] : released) c10::free_cpu(data);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0;
+};
+
+// A contiguous tensor shaped and typed as `like`, its memory from the BlockCache
+at::Tensor cached_empty_like(const at::Tensor& like) {
+  const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (nbytes == 0) return at::empty_like(like, at::MemoryFormat::Contiguous);
+  const auto [block, size] = BlockCache::instance().take(nbytes);
+  return at::from_blob(
+      block, like.sizes(), [size](void* data) { BlockCache::instance().give_back(data, size); },
+      like.options());
+}
 
 // The weights, read as W[i] (`operator()`, for the few band fix-ups) or a block of up to kBlock
 // at a time from a kBlock-aligned start (`block`: a pointer to them, written into `scratch` if
@@ -168,7 +249,7 @@ std::tuple<at::Tensor, double, int64_t> masked_weight_forward(const at::Tensor& 
   TORCH_CHECK(weight.device().is_cpu() && weight.is_contiguous(), "contiguous CPU weight expected");
   TORCH_CHECK(weight.scalar_type() == scores.scalar_type(), "weight and scores dtypes differ");
   TORCH_CHECK(weight.numel() == scores.numel(), "weight and scores sizes differ");
-  at::Tensor out = at::empty_like(weight);
+  at::Tensor out = cached_empty_like(weight);
   double threshold = 0;
   int64_t status = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -188,7 +269,7 @@ std::tuple<at::Tensor, double, int64_t> masked_weight_forward_signs(const at::Te
                                                                     double high) {
   check_selection(scores, kept, low, high);
   check_signs(bits, scores);
-  at::Tensor out = at::empty_like(scores);
+  at::Tensor out = cached_empty_like(scores);
   double threshold = 0;
   int64_t status = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -290,9 +371,14 @@ at::Tensor& straight_through_backward_signs_(at::Tensor& grad, const at::Tensor&
   return grad;
 }
 
+// torch.cuda.empty_cache's counterpart: the cached W * M block goes back to malloc (a training
+// loop that is done, before inference or the next model)
+void empty_cache() { BlockCache::instance().keep_at_most(0, 0); }
+
 }  // namespace
 
 TORCH_LIBRARY(popup_adapter, m) {
+  m.def("empty_cache() -> ()", &empty_cache);
   m.def("masked_weight_forward(Tensor weight, Tensor scores, int kept, float low, float high)"
         " -> (Tensor, float, int)");
   m.def("straight_through_backward(Tensor grad, Tensor weight, Tensor scores) -> Tensor");

@@ -38,19 +38,19 @@ at::Tensor rans_decode_bernoulli(const at::Tensor& words, const at::Tensor& tabl
   TORCH_CHECK(table.dim() == 1 && table.scalar_type() == at::kDouble && table.numel() >= 1,
               "table: a float64 vector of probabilities");
   const bool per_symbol = index.numel() > 0;
-  TORCH_CHECK(!per_symbol || (index.scalar_type() == at::kLong && index.numel() == numel &&
+  TORCH_CHECK(!per_symbol || (index.scalar_type() == at::kByte && index.numel() == numel &&
                               index.is_contiguous()),
-              "index: empty, or an int64 vector of one table entry per symbol");
+              "index: empty, or a uint8 vector of one table entry per symbol");
   const double* probabilities = table.const_data_ptr<double>();
   std::vector<uint32_t> splits(table.numel());
   for (int64_t t = 0; t < table.numel(); ++t) {
     TORCH_CHECK(probabilities[t] >= 0.0 && probabilities[t] <= 1.0, "p must be in [0, 1]");
     splits[t] = bernoulli_split(probabilities[t]);
   }
-  const int64_t* symbol_index = per_symbol ? index.const_data_ptr<int64_t>() : nullptr;
+  const uint8_t* symbol_index = per_symbol ? index.const_data_ptr<uint8_t>() : nullptr;
   if (per_symbol) {
     for (int64_t i = 0; i < numel; ++i)
-      TORCH_CHECK(symbol_index[i] >= 0 && symbol_index[i] < table.numel(), "index out of range");
+      TORCH_CHECK(symbol_index[i] < table.numel(), "index out of range");
   }
 
   const uint32_t* w = reinterpret_cast<const uint32_t*>(words.const_data_ptr<int32_t>());
