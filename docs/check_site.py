@@ -149,11 +149,6 @@ def check_page(chrome: webdriver.Chrome, url: str, screenshot: Path) -> list[str
             start = max(0, match.start() - 30)
             context = " ".join(found["text"][start : match.end() + 30].split())
             problems.append(f"{what} printed as text: ...{context}...")
-    problems += [
-        f"console {entry['level'].lower()}: {entry['message']}"
-        for entry in chrome.get_log("browser")
-        if entry["level"] in ("SEVERE", "WARNING")
-    ]
     height = chrome.execute_script("return document.documentElement.scrollHeight")
     shot = chrome.execute_cdp_cmd(
         "Page.captureScreenshot",
@@ -163,6 +158,15 @@ def check_page(chrome: webdriver.Chrome, url: str, screenshot: Path) -> list[str
         },
     )
     screenshot.write_bytes(base64.b64decode(shot["data"]))
+    # console entries reach the log asynchronously (a failed image's can come after the
+    # load event, under load): leaving the page first keeps them this page's, not the
+    # next one's (a clean page was failed with the previous page's 404 that way)
+    chrome.get("about:blank")
+    problems += [
+        f"console {entry['level'].lower()}: {entry['message']}"
+        for entry in chrome.get_log("browser")
+        if entry["level"] in ("SEVERE", "WARNING")
+    ]
     return problems
 
 

@@ -80,7 +80,7 @@ def unpack_bits(payload: np.ndarray, numel: int) -> np.ndarray:
     Returns:
         A flat bool array of ``numel`` entries.
     """
-    return np.unpackbits(payload, count=numel, bitorder="little").astype(bool)
+    return np.unpackbits(payload, count=numel, bitorder="little").view(bool)  # 0/1: no copy
 
 
 def unpack_bits_tensor(packed: torch.Tensor, numel: int) -> torch.Tensor:
