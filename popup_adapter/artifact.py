@@ -161,15 +161,19 @@ class Artifact:
             f"trained on; their structures first differ at {difference}\n{fix}{versions}"
         )
 
-    def mask(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def mask(
+        self, name: str, weight: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The decoded boolean mask of layer ``name``.
 
         Args:
             name: a layer of `layers`.
             weight: the regenerated base weight it masks (a mask coded given |W| needs it).
+            out: a flat uint8 tensor of one byte per weight to decode into (see
+                `popup_adapter.codec.decode_mask`: for a decoder thread).
 
         Returns:
-            The bool mask, shaped as the layer.
+            The bool mask, shaped as the layer (``out``'s memory, when given).
 
         Raises:
             ArtifactError: the payload does not decode to the recorded kept count.
@@ -183,6 +187,7 @@ class Artifact:
             where=f"{self.weights_path}, layer {name!r}",
             weight=weight,
             bucket_kept=layer.get("bucket_kept"),
+            out=out,
         )
 
     def mask_needs_base(self, name: str) -> bool:

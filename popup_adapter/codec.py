@@ -202,6 +202,7 @@ def decode_mask(
     where: str,
     weight: torch.Tensor | None = None,
     bucket_kept: list[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The boolean mask back from `encode_mask`'s output.
 
@@ -213,17 +214,27 @@ def decode_mask(
         where: names the layer and file in an error.
         weight: the base weight (``rans_magnitude`` only).
         bucket_kept: the kept count per |W| bucket (``rans_magnitude`` only).
+        out: a flat uint8 tensor of one byte per entry that the mask is written into, for a
+            decoder thread: what a thread allocates stays in its own glibc heap, resident
+            after it is freed, so a caller that decodes on worker threads allocates the masks
+            on its own (default: a new array).
 
     Returns:
-        The bool mask of ``shape``.
+        The bool mask of ``shape`` (``out``'s memory, when given).
 
     Raises:
         ArtifactError: an unknown encoding, or a payload that does not decode to exactly
             ``kept`` ones (a corrupted or mismatched artifact).
     """
     numel = math.prod(shape)
+    if out is None:
+        out = torch.empty(numel, dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.shape != (numel,) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous uint8 vector of {numel} entries")
+    decoded_bits = out.numpy().view(bool)
     if encoding == "all":
-        bits = np.ones(numel, dtype=bool)
+        bits = decoded_bits
+        bits.fill(True)
     elif encoding == "packed":
         if payload.size != (numel + 7) // 8:
             raise ArtifactError(
@@ -237,10 +248,11 @@ def decode_mask(
         words = np.frombuffer(payload.tobytes(), dtype="<u4").astype(np.uint32)
         try:
             if encoding == "rans":
-                bits = _decode_bernoulli(words, numel, np.array([kept / numel]), None)
+                bits = _decode_bernoulli(words, decoded_bits, np.array([kept / numel]), None)
             else:
                 buckets = magnitude_buckets(weight)
-                bits = _decode_bernoulli(words, numel, _bucket_table(buckets, bucket_kept), buckets)
+                table = _bucket_table(buckets, bucket_kept)
+                bits = _decode_bernoulli(words, decoded_bits, table, buckets)
                 if bucket_counts(buckets[bits]) != list(bucket_kept):
                     raise ValueError("the kept counts per |W| bucket differ")
         except Exception as error:  # constriction raises its own types on a bad stream
@@ -252,33 +264,36 @@ def decode_mask(
             f"{where}: unknown mask encoding {encoding!r}; known: {ENCODINGS}. "
             "Upgrade popup_adapter?"
         )
-    if (decoded := int(np.count_nonzero(bits))) != kept:
+    if bits is not decoded_bits:
+        np.copyto(decoded_bits, bits)
+    if (decoded := int(np.count_nonzero(decoded_bits))) != kept:
         raise ArtifactError(
             f"{where}: the mask decodes to {decoded} kept weights, the "
             f"config says {kept}; the file is corrupted or not this layer's"
         )
-    return torch.from_numpy(bits).reshape(shape)
+    return out.view(torch.bool).reshape(shape)
 
 
 def _decode_bernoulli(
-    words: np.ndarray, numel: int, table: np.ndarray, index: np.ndarray | None
+    words: np.ndarray, out: np.ndarray, table: np.ndarray, index: np.ndarray | None
 ) -> np.ndarray:
-    """``numel`` bits of an rANS stream, bit ``i`` under Bernoulli(``table[index[i]]``) (or
-    ``table[0]`` for all): by the compiled decoder where the kernels are loaded (the same
-    bits as constriction's, several times faster, without the GIL, so that layers decode in
-    parallel), else by constriction."""
+    """The bits of an rANS stream, one per entry of ``out`` (bool), bit ``i`` under
+    Bernoulli(``table[index[i]]``) (or ``table[0]`` for all): by the compiled decoder where the
+    kernels are loaded (the same bits as constriction's, several times faster, without the
+    GIL, so that layers decode in parallel), written into ``out``; else by constriction, in an
+    array of its own. Returns the bits."""
     if kernels.use_kernels() and kernels.load_kernels():
-        bits = torch.ops.popup_adapter.rans_decode_bernoulli(
+        torch.ops.popup_adapter.rans_decode_bernoulli_(
+            torch.from_numpy(out.view(np.uint8)),
             torch.from_numpy(words.view(np.int32)),
             torch.from_numpy(np.ascontiguousarray(table, np.float64)),
             torch.from_numpy(index) if index is not None else torch.empty(0, dtype=torch.uint8),
-            numel,
         )
-        return bits.numpy().view(bool)
+        return out
     coder = constriction.stream.stack.AnsCoder(words)
     if index is None:
         return coder.decode(
-            constriction.stream.model.Bernoulli(table[0], perfect=False), numel
+            constriction.stream.model.Bernoulli(table[0], perfect=False), out.size
         ).astype(bool)
     family = constriction.stream.model.Bernoulli(perfect=False)
     return coder.decode(family, table[index]).astype(bool)

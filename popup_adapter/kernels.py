@@ -103,7 +103,7 @@ def load_kernels() -> bool:
             stacklevel=3,
         )
         return False
-    ops = ("masked_weight_forward_signs", "philox_fill_", "rans_decode_bernoulli")
+    ops = ("masked_weight_forward_signs", "philox_fill_", "rans_decode_bernoulli_")
     return all(hasattr(torch.ops.popup_adapter, op) for op in ops)
 
 

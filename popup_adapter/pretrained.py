@@ -36,7 +36,7 @@ from .config import PopupConfig
 from .errors import AdapterError, ArtifactError, BaseMismatchError
 from .hub import open_masks, push_artifact_files
 from .redraws import load_redraw_counts, redraw_counts
-from .seeding import FingerprintAsSet, fingerprint
+from .seeding import FingerprintAsSet, fingerprint, signs_on_this_thread
 from .sharding import whole_tensor
 from .specs import build_base, describe
 from .structure import describe_structure
@@ -113,6 +113,13 @@ def _fingerprint_beside_seeding(model: nn.Module, config: PopupConfig) -> Finger
         if id(tensor) not in parameters:  # a buffer: as built
             hasher.add(name, tensor)
     return hasher
+
+
+def _mask_bytes(artifact: Artifact, name: str) -> torch.Tensor:
+    """Memory for layer ``name``'s mask, a byte per weight, allocated on the calling thread for
+    a decoder thread to fill: glibc keeps what a thread allocated in that thread's heap, where
+    it stays resident once freed (a served resnet50 held its 25 MB of masks again there)."""
+    return torch.empty(math.prod(artifact.layers[name]["shape"]), dtype=torch.uint8)
 
 
 class PretrainedMixin:
@@ -343,17 +350,18 @@ class PretrainedMixin:
                 f"({[a.member for a in found]}); leave adapter_name out"
             )
         planned = None if model is not None else check_fits(artifact, check_structure)
-        with ThreadPoolExecutor(max_workers=1 + torch.get_num_threads()) as pool:
-            # masks that need no base decode on other threads while this one builds it
+        # masks that need no base decode while this thread builds and seeds the base and
+        # another hashes it: one decoder fewer than the cores (more slowed the load), each
+        # into memory allocated here (a thread's freed heap stays resident)
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads() - 1)) as pool:
             early = {
-                name: pool.submit(artifact.mask, name)
+                name: pool.submit(artifact.mask, name, out=_mask_bytes(artifact, name))
                 for name in artifact.layers
                 if not artifact.mask_needs_base(name)
             }
             try:
                 popup, masks = cls._load(
                     artifact,
-                    pool,
                     early,
                     model=model,
                     planned=planned,
@@ -376,7 +384,6 @@ class PretrainedMixin:
     def _load(
         cls,
         artifact: Artifact,
-        pool: ThreadPoolExecutor,
         early: dict[str, Future],
         *,
         model: nn.Module | None,
@@ -387,7 +394,7 @@ class PretrainedMixin:
         check_structure: bool,
     ) -> tuple[PopupModel, dict[str, torch.Tensor]]:
         """`from_pretrained` of one artifact once it is open and checked, ``early`` masks
-        decoding in ``pool``: the model and the masks it loaded (the caller merges them).
+        decoding: the model and the masks it loaded (the caller merges them).
         ``planned`` is `check_fits`' meta build: given its memory, it is the base where the
         seed sets every one of its tensors without reading them (no second construction)."""
         seeded = artifact.config.init != "keep"  # every layer weight is drawn next
@@ -407,17 +414,18 @@ class PretrainedMixin:
         with ThreadPoolExecutor(max_workers=1) as hashing:  # not queued behind the decoders
             fingerprinting = hasher, hashing.submit(hasher.result)
             try:
-                popup = cls(
-                    model,
-                    artifact.config,
-                    adapter_name,
-                    draw_scores=False,
-                    base_kwargs=artifact.base_spec.get("base_kwargs"),
-                    targets=artifact.targets,
-                    on_seeded=hasher.add,
-                )
+                with signs_on_this_thread():  # the decoders and the hasher hold the other cores
+                    popup = cls(
+                        model,
+                        artifact.config,
+                        adapter_name,
+                        draw_scores=False,
+                        base_kwargs=artifact.base_spec.get("base_kwargs"),
+                        targets=artifact.targets,
+                        on_seeded=hasher.add,
+                    )
                 masks = popup._load_artifact(
-                    artifact, adapter_name, not is_trainable, pool, early, fingerprinting
+                    artifact, adapter_name, not is_trainable, early, fingerprinting
                 )
             except BaseException:
                 hasher.finish({})  # the hash stops (else this block would wait for it)
@@ -475,7 +483,6 @@ class PretrainedMixin:
         artifact: Artifact,
         adapter_name: str,
         serve: bool = False,
-        pool: ThreadPoolExecutor | None = None,
         early: dict[str, Future] | None = None,
         fingerprinting: tuple[FingerprintAsSet, Future] | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -491,30 +498,30 @@ class PretrainedMixin:
             adapter_name: the adapter the masks go to.
             serve: hold the masks bit-packed, for inference (no scores); False gives the
                 adapter the scores a loaded mask trains from.
-            pool: worker threads to use (default: a pool of its own).
-            early: masks already decoding there, by layer name.
+            early: masks already decoding, by layer name (the others decode here).
             fingerprinting: the base's fingerprint hashing since its seeding began, and its
                 result (None where it must be hashed whole after all).
 
         Returns:
             The masks, by layer name.
         """
-        if pool is None:
-            with ThreadPoolExecutor(max_workers=1 + torch.get_num_threads()) as own:
-                return self._load_artifact(artifact, adapter_name, serve, own, early)
         masked = dict(self.popup_layers())
         shapes = {name: list(layer.base_weight.shape) for name, layer in masked.items()}
-        if fingerprinting is None:
-            base_fingerprint = pool.submit(lambda: self.base_fingerprint)
-        else:
-            hasher, base_fingerprint = fingerprinting
-            hasher.finish(self.base_state())
-        decoding = {
-            name: (early or {}).get(name) or pool.submit(artifact.mask, name, layer.base_weight)
-            for name, layer in masked.items()
-        }
-        artifact.check_base(shapes, base_fingerprint.result() or self.base_fingerprint)
-        masks = {name: future.result() for name, future in decoding.items()}
+        early = early or {}
+        # the masks that needed the base decode now, on every core (the seeding is done)
+        with ThreadPoolExecutor(max_workers=1 + torch.get_num_threads()) as pool:
+            if fingerprinting is None:
+                base_fingerprint = pool.submit(lambda: self.base_fingerprint)
+            else:
+                hasher, base_fingerprint = fingerprinting
+                hasher.finish(self.base_state())
+            decoding = {
+                name: early.get(name)
+                or pool.submit(artifact.mask, name, layer.base_weight, _mask_bytes(artifact, name))
+                for name, layer in masked.items()
+            }
+            artifact.check_base(shapes, base_fingerprint.result() or self.base_fingerprint)
+            masks = {name: future.result() for name, future in decoding.items()}
         with torch.no_grad():
             for name, layer in masked.items():
                 if serve:

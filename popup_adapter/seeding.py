@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -233,12 +234,37 @@ def fill_from_stream(
     if compiled:
         key0, key1 = _stream_key(seed, name).view("<i8").tolist()
         with torch.no_grad():
-            torch.ops.popup_adapter.philox_fill_(out, key0, key1, kind, scale)
+            parallel = kind not in getattr(_serial_kinds, "kinds", ())
+            torch.ops.popup_adapter.philox_fill_(out, key0, key1, kind, scale, parallel)
         return out
     values = reference_values(kind, seed, name, out.numel(), scale)
     with torch.no_grad():
         out.copy_(torch.from_numpy(values).reshape(out.shape))
     return out
+
+
+#: the draw kinds that `signs_on_this_thread` keeps on the calling thread, per thread
+_serial_kinds = threading.local()
+
+
+@contextmanager
+def signs_on_this_thread() -> Iterator[None]:
+    """Draw signs (the signed-constant base) on the calling thread alone, not on every core,
+    within the block and on this thread only.
+
+    A sign costs a sixty-fourth of a Philox word: filling a signed-constant base is bound by
+    memory and page faults, which more threads barely speed up. Where the caller's own threads
+    already hold the cores (`PopupModel.from_pretrained`: the mask decoders and the
+    fingerprint's hasher), the parallel fill's OpenMP workers only competed with them (a
+    ResNet-50 load 10-15% slower, see docs/results.md). The arithmetic-bound draws (uniform,
+    Box-Muller) stay parallel. The values are the same either way.
+    """
+    before = getattr(_serial_kinds, "kinds", frozenset())
+    _serial_kinds.kinds = before | {SIGNS}
+    try:
+        yield
+    finally:
+        _serial_kinds.kinds = before
 
 
 def fills_in_place(tensor: torch.Tensor) -> bool:

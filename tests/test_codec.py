@@ -30,6 +30,12 @@ def test_round_trip(k, shape):
     assert payload.dtype == np.uint8
     decoded = decode_mask(encoding, payload, shape, int(mask.sum()), where="test")
     assert torch.equal(decoded, mask)
+    # into memory the caller allocated (from_pretrained's, for its decoder threads)
+    out = torch.full((mask.numel(),), 7, dtype=torch.uint8)
+    into = decode_mask(encoding, payload, shape, int(mask.sum()), "test", out=out)
+    assert torch.equal(into, mask) and into.data_ptr() == out.data_ptr()
+    with pytest.raises(ValueError, match="uint8 vector"):
+        decode_mask(encoding, payload, shape, int(mask.sum()), "test", out=out[:-1])
 
 
 @pytest.mark.parametrize(
@@ -131,14 +137,13 @@ def test_the_compiled_decoder_gives_constrictions_bits(monkeypatch):
 
     def decode(encoding, payload, mask, weight, bucket_kept):
         words = np.frombuffer(payload.tobytes(), "<u4").astype(np.uint32)
+        out = np.empty(mask.numel(), bool)
         if encoding == "rans":
             kept = int(mask.sum())
-            return codec._decode_bernoulli(
-                words, mask.numel(), np.array([kept / mask.numel()]), None
-            )
+            return codec._decode_bernoulli(words, out, np.array([kept / mask.numel()]), None)
         buckets = codec.magnitude_buckets(weight)
         table = codec._bucket_table(buckets, bucket_kept)
-        return codec._decode_bernoulli(words, mask.numel(), table, buckets)
+        return codec._decode_bernoulli(words, out, table, buckets)
 
     rans = [case for case in cases if case[0] != "packed"]
     compiled = [decode(*case) for case in rans]

@@ -1,4 +1,5 @@
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -82,14 +83,48 @@ def test_a_fingerprint_hashed_as_the_base_is_set_is_the_fingerprint_or_none():
 
 @needs_kernels
 @pytest.mark.parametrize("kind", [seeding.SIGNS, seeding.SYMMETRIC_UNIFORM, seeding.NORMAL])
-def test_compiled_draws_have_the_reference_bits(kind):
-    # sizes around the kernel's words (64 signs, 4 words a block), pairs (odd sizes) and tasks
-    for numel in (1, 2, 3, 63, 64, 65, 255, 1_000, (1 << 15) + 3, 1_000_003):
-        for seed, name in ((0, "w"), (7, "layer1.0.conv1.weight")):
-            compiled = torch.empty(numel)
-            seeding.fill_from_stream(compiled, kind, seed, name, 0.0371, compiled=True)
-            reference = seeding.reference_values(kind, seed, name, numel, 0.0371)
-            assert np.array_equal(compiled.numpy().view(np.uint32), reference.view(np.uint32))
+@pytest.mark.parametrize("on_this_thread", [False, True])
+def test_compiled_draws_have_the_reference_bits(kind, on_this_thread):
+    # sizes around the kernel's words (64 signs, 4 words a block), pairs (odd sizes) and tasks;
+    # on every thread, or the signs on this one (`from_pretrained`'s)
+    with seeding.signs_on_this_thread() if on_this_thread else nullcontext():
+        for numel in (1, 2, 3, 63, 64, 65, 255, 1_000, (1 << 15) + 3, 1_000_003):
+            for seed, name in ((0, "w"), (7, "layer1.0.conv1.weight")):
+                compiled = torch.empty(numel)
+                seeding.fill_from_stream(compiled, kind, seed, name, 0.0371, compiled=True)
+                reference = seeding.reference_values(kind, seed, name, numel, 0.0371)
+                assert np.array_equal(compiled.numpy().view(np.uint32), reference.view(np.uint32))
+
+
+@needs_kernels
+def test_signs_on_this_thread_keeps_only_signs_and_only_this_thread_serial(monkeypatch):
+    calls = []
+    fill = torch.ops.popup_adapter.philox_fill_
+
+    def spy(out, key0, key1, kind, scale, parallel):
+        calls.append((kind, parallel))
+        return fill(out, key0, key1, kind, scale, parallel)
+
+    monkeypatch.setattr(torch.ops.popup_adapter, "philox_fill_", spy)
+
+    def draw(kind):
+        seeding.fill_from_stream(torch.empty(100), kind, 0, "w", 1.0, compiled=True)
+
+    with seeding.signs_on_this_thread():
+        with seeding.signs_on_this_thread():  # nested: the outer setting holds after it
+            draw(seeding.SIGNS)
+        draw(seeding.SIGNS)
+        draw(seeding.NORMAL)
+        with ThreadPoolExecutor(1) as other:  # another thread draws on every core
+            other.submit(draw, seeding.SIGNS).result()
+    draw(seeding.SIGNS)
+    assert calls == [
+        (seeding.SIGNS, False),
+        (seeding.SIGNS, False),
+        (seeding.NORMAL, True),
+        (seeding.SIGNS, True),
+        (seeding.SIGNS, True),
+    ]
 
 
 @needs_kernels

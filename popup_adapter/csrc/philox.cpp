@@ -5,7 +5,8 @@
 // and the same transforms, operation for operation in float64 (frexp, sqrt, +, -, *, / and
 // the same series coefficients; built with -ffp-contract=off so no product is fused), so every
 // value has the reference's bits. Counter-based: any range of a stream is computed on its own,
-// so the tensor is filled by all threads in one pass, without float64 temporaries.
+// so the tensor is filled by all threads in one pass, without float64 temporaries, or by the
+// calling thread alone (parallel=false) where the caller's other threads hold the cores.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -116,8 +117,18 @@ inline void sin_cos_turns(double u, const Taylor& t, double& sin_out, double& co
   }
 }
 
+// body(first, last) over [0, count): on every thread, or on this one
+template <typename Body>
+void for_range(bool parallel, int64_t count, int64_t grain, const Body& body) {
+  if (parallel) {
+    at::parallel_for(0, count, grain, body);
+  } else if (count > 0) {
+    body(0, count);
+  }
+}
+
 at::Tensor& philox_fill_(at::Tensor& out, int64_t key0, int64_t key1, int64_t kind,
-                         double scale) {
+                         double scale, bool parallel) {
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "a contiguous CPU tensor expected");
   TORCH_CHECK(out.scalar_type() == at::kFloat, "a float32 tensor expected");
   TORCH_CHECK(kind >= kSigns && kind <= kNormal, "unknown kind");
@@ -132,7 +143,7 @@ at::Tensor& philox_fill_(at::Tensor& out, int64_t key0, int64_t key1, int64_t ki
     std::memcpy(&plus, &positive, 4);
     std::memcpy(&minus, &negative, 4);
     uint32_t* bits_out = reinterpret_cast<uint32_t*>(o);
-    at::parallel_for(0, (numel + 63) / 64, kGrain / 64, [&](int64_t first, int64_t last) {
+    for_range(parallel, (numel + 63) / 64, kGrain / 64, [&](int64_t first, int64_t last) {
       Words words{k0, k1};
       for (int64_t w = first; w < last; ++w) {
         const uint64_t bits = words(static_cast<uint64_t>(w));
@@ -147,7 +158,7 @@ at::Tensor& philox_fill_(at::Tensor& out, int64_t key0, int64_t key1, int64_t ki
       }
     });
   } else if (kind == kSymmetricUniform) {
-    at::parallel_for(0, numel, kGrain, [&](int64_t first, int64_t last) {
+    for_range(parallel, numel, kGrain, [&](int64_t first, int64_t last) {
       Words words{k0, k1};
       for (int64_t i = first; i < last; ++i)
         o[i] = static_cast<float>((unit(words(static_cast<uint64_t>(i))) * 2.0 - 1.0) * scale);
@@ -155,7 +166,7 @@ at::Tensor& philox_fill_(at::Tensor& out, int64_t key0, int64_t key1, int64_t ki
   } else {  // Box-Muller: pair i's cosine at i, its sine at pairs + i
     const int64_t pairs = (numel + 1) / 2;
     const Taylor taylor;
-    at::parallel_for(0, pairs, kGrain, [&](int64_t first, int64_t last) {
+    for_range(parallel, pairs, kGrain, [&](int64_t first, int64_t last) {
       Words words{k0, k1};
       for (int64_t i = first; i < last; ++i) {
         const double u1 = unit(words(2 * static_cast<uint64_t>(i))) + 0x1p-53;
@@ -173,7 +184,9 @@ at::Tensor& philox_fill_(at::Tensor& out, int64_t key0, int64_t key1, int64_t ki
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(popup_adapter, m) {
-  m.def("philox_fill_(Tensor(a!) out, int key0, int key1, int kind, float scale) -> Tensor(a!)");
+  m.def(
+      "philox_fill_(Tensor(a!) out, int key0, int key1, int kind, float scale, "
+      "bool parallel=True) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(popup_adapter, CPU, m) { m.impl("philox_fill_", &philox_fill_); }

@@ -1,15 +1,15 @@
 // Masks decoded at memory speed (see popup_adapter/codec.py, whose reference is constriction).
 //
-// rans_decode_bernoulli: the bits of a constriction AnsCoder stream (32-bit words, 64-bit
+// rans_decode_bernoulli_: the bits of a constriction AnsCoder stream (32-bit words, 64-bit
 // state, read from the end; 24-bit precision) under Bernoulli models built as constriction's
 // Bernoulli(p, perfect=False) builds them: from_floating_point_probabilities_fast([1 - p, p])
 // gives symbol 1 the left cumulative trunc((1 - p) * ((2^24 - 2) / ((1 - p) + p))) + 1, in
-// float64. Each symbol's p is table[index[i]] (or table[0] for all). The same stream, the same
-// bits: tests compare it with constriction on random masks. It releases the GIL, so the
-// layers of a model decode on several threads.
+// float64, written one byte per symbol into out. Each symbol's p is table[index[i]] (or
+// table[0] for all). The same stream, the same bits: tests compare it with constriction on
+// random masks. It releases the GIL, so the layers of a model decode on several threads, each
+// into the memory its caller allocated.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -31,8 +31,11 @@ inline uint32_t bernoulli_split(double p) {
   return truncated + 1u;
 }
 
-at::Tensor rans_decode_bernoulli(const at::Tensor& words, const at::Tensor& table,
-                                 const at::Tensor& index, int64_t numel) {
+at::Tensor& rans_decode_bernoulli_(at::Tensor& out, const at::Tensor& words,
+                                   const at::Tensor& table, const at::Tensor& index) {
+  TORCH_CHECK(out.scalar_type() == at::kByte && out.is_contiguous() && out.device().is_cpu(),
+              "out: a contiguous uint8 CPU tensor, one byte per symbol");
+  const int64_t numel = out.numel();
   TORCH_CHECK(words.dim() == 1 && words.scalar_type() == at::kInt && words.is_contiguous(),
               "words: a contiguous int32 vector (the uint32 words' bits)");
   TORCH_CHECK(table.dim() == 1 && table.scalar_type() == at::kDouble && table.numel() >= 1,
@@ -63,7 +66,6 @@ at::Tensor rans_decode_bernoulli(const at::Tensor& words, const at::Tensor& tabl
     while (remaining > 0 && state < kRefill) state = (state << 32) | w[--remaining];
   }
 
-  at::Tensor out = at::empty({numel}, words.options().dtype(at::kByte));
   uint8_t* bits = out.mutable_data_ptr<uint8_t>();
   const uint32_t split = splits[0];
   for (int64_t i = 0; i < numel; ++i) {
@@ -82,9 +84,11 @@ at::Tensor rans_decode_bernoulli(const at::Tensor& words, const at::Tensor& tabl
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(popup_adapter, m) {
-  m.def("rans_decode_bernoulli(Tensor words, Tensor table, Tensor index, int numel) -> Tensor");
+  m.def(
+      "rans_decode_bernoulli_(Tensor(a!) out, Tensor words, Tensor table, Tensor index) -> "
+      "Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(popup_adapter, CPU, m) {
-  m.impl("rans_decode_bernoulli", &rans_decode_bernoulli);
+  m.impl("rans_decode_bernoulli_", &rans_decode_bernoulli_);
 }
