@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ from .artifact_schema import (
     validate_collection,
     validate_meta,
 )
-from .codec import decode_counts, decode_mask, entropy_bits
+from .codec import StoredMask, decode_counts, decode_masks, entropy_bits
 from .config import PopupConfig
 from .errors import ArtifactError, BaseMismatchError
 from .specs import describe
@@ -161,34 +161,45 @@ class Artifact:
             f"trained on; their structures first differ at {difference}\n{fix}{versions}"
         )
 
-    def mask(
-        self, name: str, weight: torch.Tensor | None = None, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The decoded boolean mask of layer ``name``.
+    def masks(
+        self,
+        names: Sequence[str],
+        weights: Mapping[str, torch.Tensor] | None = None,
+        out: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The decoded boolean masks of layers ``names``, decoded together (faster than one
+        at a time: see `popup_adapter.codec.decode_masks`).
 
         Args:
-            name: a layer of `layers`.
-            weight: the regenerated base weight it masks (a mask coded given |W| needs it).
-            out: a flat uint8 tensor of one byte per weight to decode into (see
-                `popup_adapter.codec.decode_mask`: for a decoder thread).
+            names: layers of `layers`.
+            weights: the regenerated base weights they mask, by name (a mask coded given |W|
+                needs its own).
+            out: by name, a flat uint8 tensor of one byte per weight to decode into (see
+                `popup_adapter.codec.StoredMask`: for a decoder thread).
 
         Returns:
-            The bool mask, shaped as the layer (``out``'s memory, when given).
+            The bool masks by name, shaped as their layers (``out``'s memory, when given).
 
         Raises:
-            ArtifactError: the payload does not decode to the recorded kept count.
+            ArtifactError: a payload does not decode to its recorded kept count.
         """
-        layer = self.layers[name]
-        return decode_mask(
-            layer["encoding"],
-            self.tensors[MASK_PREFIX + name],
-            tuple(layer["shape"]),
-            layer["kept"],
-            where=f"{self.weights_path}, layer {name!r}",
-            weight=weight,
-            bucket_kept=layer.get("bucket_kept"),
-            out=out,
+        weights, out = weights or {}, out or {}
+        decoded = decode_masks(
+            [
+                StoredMask(
+                    encoding=self.layers[name]["encoding"],
+                    payload=self.tensors[MASK_PREFIX + name],
+                    shape=tuple(self.layers[name]["shape"]),
+                    kept=self.layers[name]["kept"],
+                    where=f"{self.weights_path}, layer {name!r}",
+                    bucket_kept=self.layers[name].get("bucket_kept"),
+                    weight=weights.get(name),
+                    out=out.get(name),
+                )
+                for name in names
+            ]
         )
+        return dict(zip(names, decoded, strict=True))
 
     def mask_needs_base(self, name: str) -> bool:
         """Whether layer ``name``'s mask decodes only given its base weight (coded given |W|).

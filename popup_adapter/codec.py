@@ -23,6 +23,9 @@ The payload is a flat ``uint8`` array so it can live in a safetensors file.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import constriction
 import numpy as np
@@ -194,109 +197,178 @@ def encode_mask_given_base(
     return encoding, payload, None
 
 
-def decode_mask(
-    encoding: str,
-    payload: np.ndarray,
-    shape: tuple[int, ...],
-    kept: int,
-    where: str,
-    weight: torch.Tensor | None = None,
-    bucket_kept: list[int] | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The boolean mask back from `encode_mask`'s output.
+@dataclass(frozen=True)
+class StoredMask:
+    """One layer's mask as an artifact stores it, with what decoding it needs.
 
-    Args:
-        encoding: as stored.
+    Attributes:
+        encoding: as stored (one of `ENCODINGS`).
         payload: the uint8 bytes.
         shape: the mask's shape.
         kept: how many entries are True.
         where: names the layer and file in an error.
-        weight: the base weight (``rans_magnitude`` only).
         bucket_kept: the kept count per |W| bucket (``rans_magnitude`` only).
+        weight: the regenerated base weight (``rans_magnitude`` only).
         out: a flat uint8 tensor of one byte per entry that the mask is written into, for a
             decoder thread: what a thread allocates stays in its own glibc heap, resident
             after it is freed, so a caller that decodes on worker threads allocates the masks
             on its own (default: a new array).
+    """
+
+    encoding: str
+    payload: np.ndarray
+    shape: tuple[int, ...]
+    kept: int
+    where: str
+    bucket_kept: list[int] | None = None
+    weight: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+
+
+class _RansStream(NamedTuple):
+    """An rANS stream to decode into ``bits``: bit ``i`` under Bernoulli(``table[index[i]]``)
+    (``table[0]`` for all when ``index`` is None)."""
+
+    words: np.ndarray
+    bits: np.ndarray
+    table: np.ndarray
+    index: np.ndarray | None
+    where: str
+
+
+#: masks coded given |W| decoded together: their buckets (a byte per weight) live that long
+_BUCKETED_AT_ONCE = 4
+
+
+def decode_masks(masks: Sequence[StoredMask]) -> list[torch.Tensor]:
+    """The boolean masks back from `encode_mask`'s (or `encode_mask_given_base`'s) output.
+
+    Decoding them together is faster than one at a time: the compiled decoder runs several rANS
+    streams side by side, a symbol of each per step (one stream's symbols are a dependency
+    chain that leaves most of a core idle).
+
+    Args:
+        masks: the stored masks.
 
     Returns:
-        The bool mask of ``shape`` (``out``'s memory, when given).
+        Each bool mask, of its ``shape`` (its ``out``'s memory, when given), in order.
 
     Raises:
         ArtifactError: an unknown encoding, or a payload that does not decode to exactly
-            ``kept`` ones (a corrupted or mismatched artifact).
+            ``kept`` ones (a corrupted or mismatched artifact); the message names the layer.
     """
-    numel = math.prod(shape)
-    if out is None:
-        out = torch.empty(numel, dtype=torch.uint8)
-    elif out.dtype != torch.uint8 or out.shape != (numel,) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous uint8 vector of {numel} entries")
-    decoded_bits = out.numpy().view(bool)
-    if encoding == "all":
-        bits = decoded_bits
-        bits.fill(True)
-    elif encoding == "packed":
-        if payload.size != (numel + 7) // 8:
+    outs = [_output_bytes(mask) for mask in masks]
+    plain, bucketed = [], []
+    for mask, out in zip(masks, outs, strict=True):
+        bits = out.numpy().view(bool)
+        if mask.encoding == "all":
+            bits.fill(True)
+        elif mask.encoding == "packed":
+            if mask.payload.size != (bits.size + 7) // 8:
+                raise ArtifactError(
+                    f"{mask.where}: packed mask has {mask.payload.size} bytes, a mask of "
+                    f"shape {mask.shape} needs {(bits.size + 7) // 8}; the file is corrupted"
+                )
+            np.copyto(bits, unpack_bits(mask.payload, bits.size))
+        elif mask.encoding in ("rans", "rans_magnitude"):
+            if mask.payload.size % 4 or not 0 < mask.kept < bits.size:
+                raise ArtifactError(f"{mask.where}: malformed rANS payload; the file is corrupted")
+            (plain if mask.encoding == "rans" else bucketed).append((mask, bits))
+        else:
             raise ArtifactError(
-                f"{where}: packed mask has {payload.size} bytes, a mask of "
-                f"shape {shape} needs {(numel + 7) // 8}; the file is corrupted"
+                f"{mask.where}: unknown mask encoding {mask.encoding!r}; known: {ENCODINGS}. "
+                "Upgrade popup_adapter?"
             )
-        bits = unpack_bits(payload, numel)
-    elif encoding in ("rans", "rans_magnitude"):
-        if payload.size % 4 or not 0 < kept < numel:
-            raise ArtifactError(f"{where}: malformed rANS payload; the file is corrupted")
-        words = np.frombuffer(payload.tobytes(), dtype="<u4").astype(np.uint32)
-        try:
-            if encoding == "rans":
-                bits = _decode_bernoulli(words, decoded_bits, np.array([kept / numel]), None)
-            else:
-                buckets = magnitude_buckets(weight)
-                table = _bucket_table(buckets, bucket_kept)
-                bits = _decode_bernoulli(words, decoded_bits, table, buckets)
-                if bucket_counts(buckets[bits]) != list(bucket_kept):
-                    raise ValueError("the kept counts per |W| bucket differ")
-        except Exception as error:  # constriction raises its own types on a bad stream
+    _decode_rans(
+        [
+            _RansStream(_words(mask), bits, np.array([mask.kept / bits.size]), None, mask.where)
+            for mask, bits in plain
+        ]
+    )
+    bucketed.sort(key=lambda pair: pair[1].size, reverse=True)  # like sizes decode together
+    for first in range(0, len(bucketed), _BUCKETED_AT_ONCE):
+        group = bucketed[first : first + _BUCKETED_AT_ONCE]
+        buckets = [magnitude_buckets(mask.weight) for mask, _ in group]
+        _decode_rans(
+            [
+                _RansStream(_words(m), bits, _bucket_table(b, m.bucket_kept), b, m.where)
+                for (m, bits), b in zip(group, buckets, strict=True)
+            ]
+        )
+        for (mask, bits), b in zip(group, buckets, strict=True):
+            if bucket_counts(b[bits]) != list(mask.bucket_kept):
+                raise ArtifactError(
+                    f"{mask.where}: the rANS stream does not decode (the kept counts per |W| "
+                    "bucket differ); the file is corrupted"
+                )
+    for mask, out in zip(masks, outs, strict=True):
+        if (decoded := int(np.count_nonzero(out.numpy().view(bool)))) != mask.kept:
             raise ArtifactError(
-                f"{where}: the rANS stream does not decode ({error}); the file is corrupted"
-            ) from error
-    else:
-        raise ArtifactError(
-            f"{where}: unknown mask encoding {encoding!r}; known: {ENCODINGS}. "
-            "Upgrade popup_adapter?"
-        )
-    if bits is not decoded_bits:
-        np.copyto(decoded_bits, bits)
-    if (decoded := int(np.count_nonzero(decoded_bits))) != kept:
-        raise ArtifactError(
-            f"{where}: the mask decodes to {decoded} kept weights, the "
-            f"config says {kept}; the file is corrupted or not this layer's"
-        )
-    return out.view(torch.bool).reshape(shape)
+                f"{mask.where}: the mask decodes to {decoded} kept weights, the "
+                f"config says {mask.kept}; the file is corrupted or not this layer's"
+            )
+    return [out.view(torch.bool).reshape(mask.shape) for mask, out in zip(masks, outs, strict=True)]
 
 
-def _decode_bernoulli(
-    words: np.ndarray, out: np.ndarray, table: np.ndarray, index: np.ndarray | None
-) -> np.ndarray:
-    """The bits of an rANS stream, one per entry of ``out`` (bool), bit ``i`` under
-    Bernoulli(``table[index[i]]``) (or ``table[0]`` for all): by the compiled decoder where the
-    kernels are loaded (the same bits as constriction's, several times faster, without the
-    GIL, so that layers decode in parallel), written into ``out``; else by constriction, in an
-    array of its own. Returns the bits."""
+def _output_bytes(mask: StoredMask) -> torch.Tensor:
+    """The byte per entry that ``mask`` decodes into: its ``out``, checked, or new memory."""
+    numel = math.prod(mask.shape)
+    if mask.out is None:
+        return torch.empty(numel, dtype=torch.uint8)
+    if mask.out.dtype != torch.uint8 or mask.out.shape != (numel,) or not mask.out.is_contiguous():
+        raise ValueError(f"out must be a contiguous uint8 vector of {numel} entries")
+    return mask.out
+
+
+def _words(mask: StoredMask) -> np.ndarray:
+    """An rANS payload's 32-bit words, little-endian as stored."""
+    return np.frombuffer(mask.payload.tobytes(), dtype="<u4").astype(np.uint32)
+
+
+def _decode_rans(streams: list[_RansStream]) -> None:
+    """Decode every stream into its ``bits``, together; where that fails, one at a time, so
+    that the error names the layer whose stream does not decode."""
+    if not streams:
+        return
+    try:
+        _decode_bernoulli(streams)
+    except Exception:
+        for stream in streams:
+            try:
+                _decode_bernoulli([stream])
+            except Exception as error:  # constriction raises its own types on a bad stream
+                raise ArtifactError(
+                    f"{stream.where}: the rANS stream does not decode ({error}); the file is "
+                    "corrupted"
+                ) from error
+        raise
+
+
+def _decode_bernoulli(streams: list[_RansStream]) -> None:
+    """The bits of rANS streams, written into their ``bits``: by the compiled decoder where the
+    kernels are loaded (the same bits as constriction's, several times faster, streams side by
+    side, without the GIL, so that groups of layers decode in parallel); else by constriction,
+    a stream at a time."""
     if kernels.use_kernels() and kernels.load_kernels():
         torch.ops.popup_adapter.rans_decode_bernoulli_(
-            torch.from_numpy(out.view(np.uint8)),
-            torch.from_numpy(words.view(np.int32)),
-            torch.from_numpy(np.ascontiguousarray(table, np.float64)),
-            torch.from_numpy(index) if index is not None else torch.empty(0, dtype=torch.uint8),
+            [torch.from_numpy(stream.bits.view(np.uint8)) for stream in streams],
+            [torch.from_numpy(stream.words.view(np.int32)) for stream in streams],
+            [torch.from_numpy(np.ascontiguousarray(s.table, np.float64)) for s in streams],
+            [
+                torch.empty(0, dtype=torch.uint8) if s.index is None else torch.from_numpy(s.index)
+                for s in streams
+            ],
         )
-        return out
-    coder = constriction.stream.stack.AnsCoder(words)
-    if index is None:
-        return coder.decode(
-            constriction.stream.model.Bernoulli(table[0], perfect=False), out.size
-        ).astype(bool)
-    family = constriction.stream.model.Bernoulli(perfect=False)
-    return coder.decode(family, table[index]).astype(bool)
+        return
+    for stream in streams:
+        coder = constriction.stream.stack.AnsCoder(stream.words)
+        if stream.index is None:
+            model = constriction.stream.model.Bernoulli(stream.table[0], perfect=False)
+            decoded = coder.decode(model, stream.bits.size)
+        else:
+            family = constriction.stream.model.Bernoulli(perfect=False)
+            decoded = coder.decode(family, stream.table[stream.index])
+        np.copyto(stream.bits, decoded.astype(bool))
 
 
 #: the largest redraw count a weight can carry (counts are stored as uint8)

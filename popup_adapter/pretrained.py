@@ -4,8 +4,9 @@ Saving gathers what the artifact records (`PretrainedMixin.artifact_contents`), 
 and checks it in memory, then writes or pushes it whole. Loading trusts nothing in the artifact
 before it is checked: the files are read and validated (`open_artifact`),
 the base is built on the meta device first, so that its structure, the masked tensors' shapes
-and the memory it needs are known before anything is allocated (`check_fits`), and only
-then built, regenerated from the seed, fingerprinted and masked.
+and the memory it needs are known before it is allocated (`check_fits`; the masks, which need
+only the artifact, are checked and decoding by then), and only then built, regenerated from the
+seed, fingerprinted and masked.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ if TYPE_CHECKING:
 
 
 def check_fits(artifact: Artifact, check_structure: bool = True) -> nn.Module:
-    """Build an artifact's base on the meta device and refuse it before anything is allocated
-    if it is not what the artifact masks, or if it would not fit in memory.
+    """Build an artifact's base on the meta device and refuse it before the base is allocated
+    if it is not what the artifact masks, or if it would not fit in memory (`check_memory`).
 
     Args:
         artifact: as read.
@@ -60,9 +61,7 @@ def check_fits(artifact: Artifact, check_structure: bool = True) -> nn.Module:
     Raises:
         BaseMismatchError: the architecture the spec builds has another structure, or other
             masked tensors or shapes than the artifact lists.
-        ArtifactError: the adapted model would need more memory than is available (about
-            its weights and buffers, one float score per masked weight, and the largest
-            masked tensor's float64 draw).
+        ArtifactError: the adapted model would need more memory than is available.
     """
     planned = build_base(artifact.base_spec, meta=True)
     if check_structure:
@@ -79,19 +78,34 @@ def check_fits(artifact: Artifact, check_structure: bool = True) -> nn.Module:
             for target in artifact.targets
         }
     )
-    tensors = [*planned.parameters(), *planned.buffers()]
+    check_memory(artifact, [*planned.parameters(), *planned.buffers()])
+    return planned
+
+
+def check_memory(artifact: Artifact, tensors: Sequence[torch.Tensor] = ()) -> None:
+    """Refuse an artifact whose adapted model would not fit in memory: about its weights and
+    buffers (``tensors``, on the meta device), one float score per masked weight and the
+    largest masked tensor's float64 draw.
+
+    Without ``tensors`` (the base not built yet) only what the masked layers need is counted,
+    a lower bound that the artifact alone gives: cheap enough to check before the masks'
+    decoding starts, ahead of `check_fits`.
+
+    Raises:
+        ArtifactError: more is needed than is available.
+    """
     masked = [math.prod(layer["shape"]) for layer in artifact.layers.values()]
+    weights = sum(t.numel() for t in tensors) or sum(masked)
     needed = sum(t.numel() * t.element_size() for t in tensors) + 5 * sum(masked) + 8 * max(masked)
     available = psutil.virtual_memory().available
     if needed > available:
         raise ArtifactError(
             f"{artifact.config_path}: {describe(artifact.base_spec)} as its spec builds "
-            f"it has {sum(t.numel() for t in tensors):,d} weights and needs about "
+            f"it has {weights:,d} weights and needs about "
             f"{needed / 2**30:.1f} GiB to load, more than the {available / 2**30:.1f} GiB "
             "available; refused before allocating. Check the spec's arguments (a huge "
             "num_classes or vocab_size), or load it on a machine with more memory"
         )
-    return planned
 
 
 def _fingerprint_beside_seeding(model: nn.Module, config: PopupConfig) -> FingerprintAsSet:
@@ -115,11 +129,35 @@ def _fingerprint_beside_seeding(model: nn.Module, config: PopupConfig) -> Finger
     return hasher
 
 
-def _mask_bytes(artifact: Artifact, name: str) -> torch.Tensor:
-    """Memory for layer ``name``'s mask, a byte per weight, allocated on the calling thread for
-    a decoder thread to fill: glibc keeps what a thread allocated in that thread's heap, where
-    it stays resident once freed (a served resnet50 held its 25 MB of masks again there)."""
-    return torch.empty(math.prod(artifact.layers[name]["shape"]), dtype=torch.uint8)
+def _decode_masks(
+    pool: ThreadPoolExecutor,
+    artifact: Artifact,
+    names: Sequence[str],
+    jobs: int,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Future]:
+    """Submit the masks of layers ``names`` to ``pool`` as up to ``jobs`` jobs of about equal
+    size, each decoding its layers together (the compiled decoder runs their streams side by
+    side), into memory allocated on this thread: glibc keeps what a thread allocated in that
+    thread's heap, where it stays resident once freed (a served resnet50 held its 25 MB of
+    masks again there).
+
+    Returns:
+        Each name's job, whose result is the job's masks by name.
+    """
+    sizes = {name: math.prod(artifact.layers[name]["shape"]) for name in names}
+    groups: list[list[str]] = [[] for _ in range(min(jobs, len(names)))]
+    totals = [0] * len(groups)
+    for name in sorted(names, key=sizes.__getitem__, reverse=True):  # the largest first
+        lightest = totals.index(min(totals))
+        groups[lightest].append(name)
+        totals[lightest] += sizes[name]
+    submitted = {}
+    for group in groups:
+        out = {name: torch.empty(sizes[name], dtype=torch.uint8) for name in group}
+        job = pool.submit(artifact.masks, group, weights, out)
+        submitted.update(dict.fromkeys(group, job))
+    return submitted
 
 
 class PretrainedMixin:
@@ -349,17 +387,16 @@ class PretrainedMixin:
                 f"{path_or_repo_id} is a collection: its masks keep their stored names "
                 f"({[a.member for a in found]}); leave adapter_name out"
             )
-        planned = None if model is not None else check_fits(artifact, check_structure)
-        # masks that need no base decode while this thread builds and seeds the base and
-        # another hashes it: one decoder fewer than the cores (more slowed the load), each
-        # into memory allocated here (a thread's freed heap stays resident)
-        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads() - 1)) as pool:
-            early = {
-                name: pool.submit(artifact.mask, name, out=_mask_bytes(artifact, name))
-                for name in artifact.layers
-                if not artifact.mask_needs_base(name)
-            }
+        # masks that need no base decode while this thread builds (and checks) the base, seeds
+        # it and another hashes it: one decoder fewer than the cores (more slowed the load);
+        # the masks' own memory is checked before theirs is allocated
+        check_memory(artifact)
+        decoders = max(1, torch.get_num_threads() - 1)
+        with ThreadPoolExecutor(max_workers=decoders) as pool:
+            base_free = [name for name in artifact.layers if not artifact.mask_needs_base(name)]
+            early = _decode_masks(pool, artifact, base_free, decoders)
             try:
+                planned = None if model is not None else check_fits(artifact, check_structure)
                 popup, masks = cls._load(
                     artifact,
                     early,
@@ -509,19 +546,18 @@ class PretrainedMixin:
         shapes = {name: list(layer.base_weight.shape) for name, layer in masked.items()}
         early = early or {}
         # the masks that needed the base decode now, on every core (the seeding is done)
-        with ThreadPoolExecutor(max_workers=1 + torch.get_num_threads()) as pool:
+        threads = torch.get_num_threads()
+        with ThreadPoolExecutor(max_workers=1 + threads) as pool:
             if fingerprinting is None:
                 base_fingerprint = pool.submit(lambda: self.base_fingerprint)
             else:
                 hasher, base_fingerprint = fingerprinting
                 hasher.finish(self.base_state())
-            decoding = {
-                name: early.get(name)
-                or pool.submit(artifact.mask, name, layer.base_weight, _mask_bytes(artifact, name))
-                for name, layer in masked.items()
-            }
+            late = [name for name in masked if name not in early]
+            weights = {name: masked[name].base_weight for name in late}
+            decoding = {**early, **_decode_masks(pool, artifact, late, threads, weights)}
             artifact.check_base(shapes, base_fingerprint.result() or self.base_fingerprint)
-            masks = {name: future.result() for name, future in decoding.items()}
+            masks = {name: future.result()[name] for name, future in decoding.items()}
         with torch.no_grad():
             for name, layer in masked.items():
                 if serve:

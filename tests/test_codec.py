@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -8,13 +9,21 @@ from conftest import needs_kernels
 from popup_adapter import ArtifactError
 from popup_adapter.codec import (
     MAGNITUDE_BUCKETS,
+    StoredMask,
     bucket_counts,
-    decode_mask,
+    decode_masks,
     encode_mask,
+    encode_mask_given_base,
     entropy_bits,
     magnitude_buckets,
 )
 from popup_adapter.selection import num_kept, topk_mask
+
+
+def decode_mask(encoding, payload, shape, kept, where, weight=None, bucket_kept=None, out=None):
+    """One mask, through `decode_masks`."""
+    stored = StoredMask(encoding, payload, shape, kept, where, bucket_kept, weight, out)
+    return decode_masks([stored])[0]
 
 
 def _mask(shape, k, seed=0):
@@ -68,8 +77,6 @@ def test_corruption_is_detected_and_named():
 def test_masks_that_follow_the_base_are_coded_given_its_magnitudes():
     """A mask that keeps large |W| more often (a pretrained base's, a trained Kaiming one's)
     carries less than its i.i.d. bound once the loader's base is known."""
-    from popup_adapter.codec import MAGNITUDE_BUCKETS, encode_mask_given_base
-
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(256, 128, generator=generator)
     # kept with a probability that grows with |W|: 10% overall
@@ -104,8 +111,6 @@ def test_magnitude_buckets_are_the_quantiles_of_abs_w_a_byte_each():
 
 
 def test_the_plain_coder_is_kept_where_the_base_says_nothing():
-    from popup_adapter.codec import encode_mask_given_base
-
     generator = torch.Generator().manual_seed(1)
     signed_constant = torch.randint(0, 2, (128, 64), generator=generator).float() * 2 - 1
     mask = torch.rand(signed_constant.shape, generator=generator) < 0.3
@@ -135,20 +140,24 @@ def test_the_compiled_decoder_gives_constrictions_bits(monkeypatch):
             cases += [(encoding, p, mask, weight, bucket_kept) for p in (payload, garbage)]
     assert {case[0] for case in cases} >= {"rans", "rans_magnitude"}
 
-    def decode(encoding, payload, mask, weight, bucket_kept):
-        words = np.frombuffer(payload.tobytes(), "<u4").astype(np.uint32)
-        out = np.empty(mask.numel(), bool)
-        if encoding == "rans":
-            kept = int(mask.sum())
-            return codec._decode_bernoulli(words, out, np.array([kept / mask.numel()]), None)
-        buckets = codec.magnitude_buckets(weight)
-        table = codec._bucket_table(buckets, bucket_kept)
-        return codec._decode_bernoulli(words, out, table, buckets)
+    def decoded(cases):  # every stream at once: the compiled decoder runs them side by side
+        streams = []
+        for encoding, payload, mask, weight, bucket_kept in cases:
+            words = np.frombuffer(payload.tobytes(), "<u4").astype(np.uint32)
+            if encoding == "rans":
+                table, index = np.array([int(mask.sum()) / mask.numel()]), None
+            else:
+                index = codec.magnitude_buckets(weight)
+                table = codec._bucket_table(index, bucket_kept)
+            bits = np.empty(mask.numel(), bool)
+            streams.append(codec._RansStream(words, bits, table, index, "test"))
+        codec._decode_bernoulli(streams)
+        return [stream.bits for stream in streams]
 
     rans = [case for case in cases if case[0] != "packed"]
-    compiled = [decode(*case) for case in rans]
+    compiled = decoded(rans)
     monkeypatch.setattr(codec.kernels, "_USE_KERNELS", False)
-    reference = [decode(*case) for case in rans]
+    reference = decoded(rans)  # constriction, a stream at a time
     for (encoding, *_), ours, theirs in zip(rans, compiled, reference, strict=True):
         assert np.array_equal(ours, theirs), encoding
     for compiled_setting in (True, False):
@@ -156,3 +165,43 @@ def test_the_compiled_decoder_gives_constrictions_bits(monkeypatch):
         trailing_zero = np.array([7, 0], "<u4").view(np.uint8)
         with pytest.raises(ArtifactError, match="does not decode"):
             decode_mask("rans", trailing_zero, (100,), 30, "layer x")
+
+
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_kernels), False])
+def test_masks_decoded_together_are_each_decoded_alone(monkeypatch, compiled):
+    """Every encoding in one call, more masks coded given |W| than decode at once, of unlike
+    sizes (the compiled decoder's lanes finish and take the next stream): each mask as stored,
+    and a corrupted one among them refused by its own name."""
+    from popup_adapter import codec
+
+    monkeypatch.setattr(codec.kernels, "_USE_KERNELS", compiled)
+    generator = torch.Generator().manual_seed(4)
+    stored, masks = [], []
+    for i, (numel, k) in enumerate(
+        [(9, 0.3), (70_001, 0.1), (4096, 0.5), (33, 1.0), (150_000, 0.3), (1, 0.3)]
+        + [(n, 0.2) for n in (5000, 20_011, 7777, 640, 3000, 12_345, 9001)]
+    ):
+        weight = torch.randn(numel, generator=generator)
+        # the second half keep large |W| more often: coded given the base
+        p = k * (weight.abs() / weight.abs().mean()) ** 2 if i >= 6 else torch.full_like(weight, k)
+        mask = torch.rand(numel, generator=generator) < p.clamp(max=1)
+        if k == 1.0:
+            mask[:] = True
+        encoding, payload, bucket_kept = encode_mask_given_base(mask, weight)
+        kept, where = int(mask.sum()), f"layer {i}"
+        stored.append(StoredMask(encoding, payload, (numel,), kept, where, bucket_kept, weight))
+        masks.append(mask)
+    encodings = [mask.encoding for mask in stored]
+    assert {"all", "packed", "rans"} <= set(encodings)
+    assert encodings.count("rans_magnitude") > codec._BUCKETED_AT_ONCE
+    together = decode_masks(stored)
+    for mask, decoded, alone in zip(masks, together, stored, strict=True):
+        assert torch.equal(decoded, mask)
+        assert torch.equal(decode_masks([alone])[0], mask)
+    for victim in (1, 8):  # a plain and a bucketed stream
+        payload = stored[victim].payload.copy()
+        payload[len(payload) // 2] ^= 0xFF
+        corrupted = list(stored)
+        corrupted[victim] = dataclasses.replace(stored[victim], payload=payload)
+        with pytest.raises(ArtifactError, match=rf"^layer {victim}: .*corrupted"):
+            decode_masks(corrupted)
